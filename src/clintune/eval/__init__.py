@@ -1,0 +1,1 @@
+"""Evaluation: generation, parsing, metrics and statistics shared by train.py and evaluate.py."""

@@ -1,0 +1,74 @@
+"""Batched greedy generation: prompts sorted by length (less padding), left-padded so every
+row's next token sits at the end, with the KV cache on."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+
+def stop_token_ids(tokenizer: Any, model: Any) -> list[int]:
+    """End-of-turn ids: the tokenizer's eos, the model's configured eos ids, and the
+    end-of-turn tokens of common chat formats (Llama 3 ends a turn with <|eot_id|>)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(int(i) for i in configured)
+    for token in ("<|eot_id|>", "<|im_end|>", "<|end_of_text|>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id >= 0:
+            ids.add(token_id)
+    return sorted(ids)
+
+
+@torch.inference_mode()
+def generate_greedy(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[list[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    show_progress: bool = True,
+) -> list[str]:
+    """Greedy completions of token-id prompts, returned in the input order."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    stops = stop_token_ids(tokenizer, model)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    outputs: list[str] = [""] * len(prompts)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc="evaluating", unit="batch", disable=not show_progress):
+        length = max(len(prompts[i]) for i in batch)
+        input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
+        for row, index in enumerate(batch):
+            ids = prompts[index]
+            input_ids[row, length - len(ids) :] = torch.tensor(ids)
+            attention_mask[row, length - len(ids) :] = 1
+        generated = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            eos_token_id=stops,
+            pad_token_id=pad_id,
+        )
+        new_tokens = generated[:, length:].tolist()
+        for row, index in enumerate(batch):
+            tokens = new_tokens[row]
+            cut = next((k for k, token in enumerate(tokens) if token in stops), len(tokens))
+            outputs[index] = tokenizer.decode(tokens[:cut], skip_special_tokens=True).strip()
+    model.train(was_training)
+    return outputs

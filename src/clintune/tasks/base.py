@@ -1,0 +1,80 @@
+"""What every task provides: a schema, prompts, targets, a parser and metrics.
+
+A new task is a subclass here plus a YAML file in conf/task/ whose ``_target_`` names it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+from omegaconf import DictConfig, OmegaConf
+
+from clintune.tasks.data import FieldSpec, load_jsonl
+
+SPLITS = ("train", "val", "test")
+
+
+class Task(ABC):
+    """Base class. ``data`` holds the split paths, a ``field_map`` and the
+    ``contains_sensitive_text`` flag (true unless the data is marked otherwise)."""
+
+    #: the metric printed at the end of a run and used to rank runs
+    headline_metric: ClassVar[str]
+
+    def __init__(
+        self,
+        name: str,
+        data: DictConfig | dict[str, Any],
+        instruction: str,
+        max_new_tokens: int = 16,
+    ) -> None:
+        self.name = name
+        self.data = OmegaConf.create(data) if isinstance(data, dict) else data
+        self.instruction = instruction.strip()
+        self.max_new_tokens = int(max_new_tokens)
+
+    @property
+    def contains_sensitive_text(self) -> bool:
+        # Anything not explicitly marked as free of sensitive text is treated as sensitive.
+        return self.data.get("contains_sensitive_text", True) is not False
+
+    @abstractmethod
+    def schema(self) -> dict[str, FieldSpec]:
+        """The JSONL fields besides ``id``."""
+
+    @abstractmethod
+    def input_text(self, example: dict[str, Any]) -> str:
+        """The text the model reads (also what the leakage check compares)."""
+
+    @abstractmethod
+    def target_text(self, example: dict[str, Any]) -> str:
+        """The gold completion, exactly as the model should write it."""
+
+    @abstractmethod
+    def gold(self, example: dict[str, Any]) -> Any:
+        """The gold answer in the form ``parse`` returns."""
+
+    @abstractmethod
+    def parse(self, output: str) -> Any | None:
+        """The answer in a generated text, or None if there is none."""
+
+    @abstractmethod
+    def score(
+        self, predictions: list[Any | None], golds: list[Any]
+    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Aggregate metrics (keys without the ``test/`` prefix) and per-example scores."""
+
+    def messages(self, example: dict[str, Any]) -> list[dict[str, str]]:
+        # One user turn only: Mistral's template rejects a system role.
+        return [{"role": "user", "content": f"{self.instruction}\n\n{self.input_text(example)}"}]
+
+    def split_path(self, split: str) -> Path:
+        path = self.data.get(split)
+        if not path:
+            raise ValueError(f"task '{self.name}' has no task.data.{split} path")
+        return Path(str(path))
+
+    def load_split(self, split: str) -> list[dict[str, Any]]:
+        field_map = {str(k): str(v) for k, v in (self.data.get("field_map") or {}).items()}
+        return load_jsonl(self.split_path(split), self.schema(), field_map)

@@ -1,0 +1,71 @@
+"""Weights & Biases, offline unless asked otherwise. Only numbers and configs are sent by
+default; text (inputs, outputs) goes into a W&B table only for data marked non-sensitive."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def wandb_mode(logger_cfg: DictConfig) -> str:
+    """An explicit ``logger.offline`` wins; otherwise WANDB_MODE; otherwise offline."""
+    offline = logger_cfg.get("offline")
+    if offline is not None:
+        return "offline" if offline else "online"
+    return os.environ.get("WANDB_MODE") or "offline"
+
+
+def start_wandb(cfg: DictConfig, run_dir: Path, job_type: str) -> Any | None:
+    if cfg.logger.get("backend") != "wandb":
+        return None
+    import wandb
+
+    logger_cfg = cfg.logger
+    return wandb.init(
+        project=logger_cfg.project,
+        entity=logger_cfg.get("entity"),
+        name=logger_cfg.name,
+        group=logger_cfg.get("group"),
+        tags=[str(tag) for tag in logger_cfg.get("tags") or []],
+        job_type=job_type,
+        dir=str(run_dir),
+        mode=wandb_mode(logger_cfg),
+        config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
+        reinit="finish_previous",
+    )
+
+
+def log_results(
+    run: Any,
+    metrics: dict[str, float],
+    predictions: list[dict[str, Any]],
+    inputs: list[str],
+    *,
+    sensitive: bool,
+) -> None:
+    import wandb
+
+    run.summary.update(metrics)
+    if sensitive:
+        return
+    columns = ["id", "input", "output", "prediction", "target"]
+    extra = [key for key in predictions[0] if key not in columns] if predictions else []
+    table = wandb.Table(columns=columns + extra)
+    for row, text in zip(predictions, inputs, strict=True):
+        table.add_data(
+            row["id"],
+            text,
+            row["output"],
+            str(row["prediction"]),
+            str(row["target"]),
+            *[row[key] for key in extra],
+        )
+    run.log({"test/predictions": table})
+
+
+def finish_wandb(run: Any | None, failed: bool) -> None:
+    if run is not None:
+        run.finish(exit_code=1 if failed else 0)
