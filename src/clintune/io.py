@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable
@@ -27,8 +28,17 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def _finite_or_none(value: Any) -> Any:
+    # Strict JSON has no NaN: an undefined metric (no graded examples, say) is written as null.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def write_json_atomic(path: str | Path, payload: dict[str, Any]) -> None:
-    _atomic_write_text(Path(path), json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    clean = {key: _finite_or_none(value) for key, value in payload.items()}
+    text = json.dumps(clean, indent=2, sort_keys=True, allow_nan=False)
+    _atomic_write_text(Path(path), text + "\n")
 
 
 def write_jsonl_atomic(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:

@@ -21,8 +21,14 @@ from torch.utils.data import DataLoader
 from clintune.compute import peak_memory_bytes, training_flops
 from clintune.eval.runner import EvalResult, evaluate_task
 from clintune.io import write_json_atomic, write_jsonl_atomic
-from clintune.models.loading import count_parameters, load_model, save_trained
+from clintune.models.loading import (
+    count_parameters,
+    load_model,
+    read_checkpoint_manifest,
+    save_trained,
+)
 from clintune.tasks.base import Task
+from clintune.tasks.data import find_leakage
 from clintune.tokenization import EncodedExample, collate_sft, encode_example
 from clintune.tracking import finish_wandb, log_results, start_wandb
 
@@ -180,23 +186,53 @@ def _evaluate(
         max_prompt_length=int(cfg.model.max_length) - task.max_new_tokens,
         batch_size=int(cfg.eval.batch_size),
         show_progress=bool(cfg.eval.progress_bar),
+        bootstrap=OmegaConf.to_container(cfg.eval.bootstrap, resolve=True),  # type: ignore[arg-type]
     )
     seconds = time.perf_counter() - started
     return result, {"compute/eval_seconds": seconds}
 
 
-def run(cfg: DictConfig, run_dir: Path, *, checkpoint: Path | None = None) -> dict[str, float]:
-    """Train (unless the method is ``base``), evaluate on the test split, write the run
-    directory's files and the W&B run. Returns the metrics written to metrics.json."""
+class LeakageError(ValueError):
+    """Test examples also seen in training: the study's comparison would be invalid."""
+
+
+def check_leakage(task: Task, splits: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Test ids that also occur in train or val (same id, or same normalised input text).
+    Fails unless ``task.data.allow_leakage`` downgrades it to a counted warning."""
+    seen = splits["train"] + splits.get("val", [])
+    leaked = find_leakage(seen, splits["test"], task.input_text)
+    if not leaked:
+        return leaked
+    message = (
+        f"{len(leaked)} test example(s) of task '{task.name}' also occur in train/val "
+        f"(same id or same normalised text), e.g. {leaked[:5]}; test metrics would be inflated"
+    )
+    if not task.data.get("allow_leakage", False):
+        raise LeakageError(
+            message + ". Fix the splits, or set task.data.allow_leakage=true to go on "
+            "with a warning (counted as data/leaked_test_examples in metrics.json)."
+        )
+    log.warning(message)
+    return leaked
+
+
+def run(
+    cfg: DictConfig, run_dir: Path, *, checkpoint: Path | None = None, train: bool = True
+) -> dict[str, float]:
+    """Train (unless the method is ``base`` or ``train`` is off), evaluate on the test split,
+    write the run directory's files and the W&B run. Returns what metrics.json holds."""
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     task: Task = instantiate(cfg.task, _convert_="partial")
-    trains = cfg.method.get("module") is not None
+    trains = train and cfg.method.get("module") is not None
     splits = {split: task.load_split(split) for split in (("train", "val") if trains else ())}
     splits["test"] = task.load_split("test")
+    leaked = check_leakage(task, splits) if trains else []
     wandb_run = start_wandb(cfg, run_dir, job_type="train" if trains else "evaluate")
     failed = True
     try:
         metrics: dict[str, float] = {}
+        if trains:
+            metrics["data/leaked_test_examples"] = float(len(leaked))
         if trains:
             metrics.update(_train(cfg, task, splits, run_dir, wandb_run))
             gc.collect()
@@ -229,3 +265,27 @@ def run(cfg: DictConfig, run_dir: Path, *, checkpoint: Path | None = None) -> di
 
 def config_summary(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def _config_of_run(run_dir: Path, current: DictConfig) -> DictConfig:
+    """A finished run's own config, with this machine's paths, logger and hardware."""
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    assert isinstance(saved, DictConfig)
+    for key in ("paths", "logger", "trainer"):
+        saved[key] = current[key]
+    saved.checkpoint = str(run_dir)
+    return saved
+
+
+def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
+    """evaluate.py: the same evaluation as train.py's, for a model, a weights directory or a
+    whole run directory (whose saved config then decides model, task, method and eval)."""
+    checkpoint = Path(str(cfg.checkpoint)) if cfg.get("checkpoint") else None
+    weights: Path | None = checkpoint
+    if checkpoint is not None and (checkpoint / ".hydra" / "config.yaml").is_file():
+        cfg = _config_of_run(checkpoint, cfg)
+        weights = checkpoint / WEIGHTS_DIR if (checkpoint / WEIGHTS_DIR).is_dir() else None
+    elif checkpoint is not None:
+        manifest = read_checkpoint_manifest(checkpoint)
+        cfg.method.name = manifest.get("method", cfg.method.name)
+    return run(cfg, out_dir, checkpoint=weights, train=False)

@@ -6,7 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from clintune.eval.generation import generate_greedy
+from clintune.eval.statistics import bootstrap_intervals
 from clintune.tasks.base import Task
 from clintune.tokenization import encode_prompt
 
@@ -19,6 +22,41 @@ class EvalResult:
     inputs: list[str] = field(default_factory=list)
 
 
+def with_intervals(
+    task: Task,
+    parsed: list[Any],
+    golds: list[Any],
+    scores: list[dict[str, Any]],
+    metrics: dict[str, float],
+    *,
+    samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float]:
+    """``<metric>_ci_low``/``_ci_high`` from a bootstrap over examples, and ``<metric>_n``."""
+
+    def metrics_of(indices: np.ndarray) -> dict[str, float]:
+        return task.aggregate(
+            [parsed[i] for i in indices], [golds[i] for i in indices], [scores[i] for i in indices]
+        )
+
+    intervals = bootstrap_intervals(
+        len(parsed),
+        metrics_of,
+        n_resamples=int(samples),
+        confidence=float(confidence),
+        seed=int(seed),
+    )
+    support = task.metric_support(scores)
+    extra: dict[str, float] = {}
+    for key in metrics:
+        low, high = intervals.get(key, (float("nan"), float("nan")))
+        extra[f"{key}_ci_low"] = low
+        extra[f"{key}_ci_high"] = high
+        extra[f"{key}_n"] = float(support.get(key, len(parsed)))
+    return extra
+
+
 def evaluate_task(
     model: Any,
     tokenizer: Any,
@@ -28,6 +66,7 @@ def evaluate_task(
     max_prompt_length: int,
     batch_size: int,
     show_progress: bool = True,
+    bootstrap: dict[str, Any] | None = None,
 ) -> EvalResult:
     prompts: list[list[int]] = []
     truncated = 0
@@ -46,9 +85,12 @@ def evaluate_task(
         batch_size=batch_size,
         show_progress=show_progress,
     )
-    parsed = [task.parse(output) for output in outputs]
+    parsed = [
+        task.parse(output, example) for output, example in zip(outputs, examples, strict=True)
+    ]
     golds = [task.gold(example) for example in examples]
-    metrics, per_example = task.score(parsed, golds)
+    metrics, per_example = task.score(examples, parsed, golds)
+    metrics.update(with_intervals(task, parsed, golds, per_example, metrics, **(bootstrap or {})))
     metrics["n"] = float(len(examples))
     metrics["unparseable"] = float(sum(p is None for p in parsed))
     metrics["truncated_prompts"] = float(truncated)

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 from omegaconf import DictConfig, OmegaConf
 
-from clintune.tasks.data import FieldSpec, load_jsonl
+from clintune.tasks.data import FieldSpec, load_hub_split, load_records
 
 SPLITS = ("train", "val", "test")
 
@@ -56,14 +56,38 @@ class Task(ABC):
         """The gold answer in the form ``parse`` returns."""
 
     @abstractmethod
-    def parse(self, output: str) -> Any | None:
-        """The answer in a generated text, or None if there is none."""
+    def parse(self, output: str, example: dict[str, Any] | None = None) -> Any | None:
+        """The answer in a generated text, or None if there is none. ``example`` lets a
+        parser use the example's own context, e.g. match an answer to its option texts."""
+
+    def check_record(self, record: dict[str, Any]) -> list[str]:
+        """Problems that involve several fields of one valid-looking record."""
+        return []
 
     @abstractmethod
+    def score_examples(
+        self, examples: list[dict[str, Any]], predictions: list[Any | None], golds: list[Any]
+    ) -> list[dict[str, Any]]:
+        """Per-example scores (e.g. ``correct``), written to predictions.jsonl and resampled
+        by the bootstrap; the expensive work (ROUGE, a judge model) belongs here."""
+
+    @abstractmethod
+    def aggregate(
+        self, predictions: list[Any | None], golds: list[Any], scores: list[dict[str, Any]]
+    ) -> dict[str, float]:
+        """Metrics (keys without ``test/``) over any subset of examples; called once per
+        bootstrap resample, so it must be cheap given ``scores``."""
+
+    def metric_support(self, scores: list[dict[str, Any]]) -> dict[str, int]:
+        """How many examples a metric is over, where that is not all of them (a judge's
+        grades, say). Metrics left out are over every test example."""
+        return {}
+
     def score(
-        self, predictions: list[Any | None], golds: list[Any]
+        self, examples: list[dict[str, Any]], predictions: list[Any | None], golds: list[Any]
     ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """Aggregate metrics (keys without the ``test/`` prefix) and per-example scores."""
+        scores = self.score_examples(examples, predictions, golds)
+        return self.aggregate(predictions, golds, scores), scores
 
     def messages(self, example: dict[str, Any]) -> list[dict[str, str]]:
         # One user turn only: Mistral's template rejects a system role.
@@ -76,5 +100,26 @@ class Task(ABC):
         return Path(str(path))
 
     def load_split(self, split: str) -> list[dict[str, Any]]:
+        """A validated split: from ``task.data.hub`` when set, else from the split's file."""
         field_map = {str(k): str(v) for k, v in (self.data.get("field_map") or {}).items()}
-        return load_jsonl(self.split_path(split), self.schema(), field_map)
+        value_map = OmegaConf.to_container(self.data.get("value_map") or OmegaConf.create({}))
+        hub = self.data.get("hub")
+        if hub:
+            hub_split = (hub.get("splits") or {}).get(split, split)
+            return load_hub_split(
+                str(hub.dataset),
+                str(hub_split),
+                self.schema(),
+                field_map,
+                value_map,  # type: ignore[arg-type]
+                subset=hub.get("subset"),
+                id_field=hub.get("id_field"),
+                record_check=self.check_record,
+            )
+        return load_records(
+            self.split_path(split),
+            self.schema(),
+            field_map,
+            value_map,
+            self.check_record,  # type: ignore[arg-type]
+        )

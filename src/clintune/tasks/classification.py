@@ -53,14 +53,15 @@ class ClassificationTask(Task):
     def gold(self, example: dict[str, Any]) -> str:
         return example["label"]
 
-    def parse(self, output: str) -> str | None:
+    def parse(self, output: str, example: dict[str, Any] | None = None) -> str | None:
         return parse_label(output, self.labels)
 
-    def score(
-        self, predictions: list[Any | None], golds: list[Any]
-    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        per_example = [
-            {"correct": prediction == gold}
-            for prediction, gold in zip(predictions, golds, strict=True)
-        ]
-        return label_metrics(predictions, golds, self.labels), per_example
+    def score_examples(
+        self, examples: list[dict[str, Any]], predictions: list[Any | None], golds: list[Any]
+    ) -> list[dict[str, Any]]:
+        return [{"correct": p == g} for p, g in zip(predictions, golds, strict=True)]
+
+    def aggregate(
+        self, predictions: list[Any | None], golds: list[Any], scores: list[dict[str, Any]]
+    ) -> dict[str, float]:
+        return label_metrics(predictions, golds, self.labels)
