@@ -14,6 +14,8 @@ from clintune.wandb_files import find_offline_runs, read_run
 SHORT = [
     "method.train.max_steps=6",
     "method.train.batch_size=8",
+    "method.train.val_check_interval=3",
+    "trainer.log_every_n_steps=2",
     "eval.limit=24",
     "eval.progress_bar=false",
 ]

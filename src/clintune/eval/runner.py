@@ -50,6 +50,8 @@ def with_intervals(
     support = task.metric_support(scores)
     extra: dict[str, float] = {}
     for key in metrics:
+        if key in task.count_metrics:
+            continue
         low, high = intervals.get(key, (float("nan"), float("nan")))
         extra[f"{key}_ci_low"] = low
         extra[f"{key}_ci_high"] = high

@@ -21,6 +21,8 @@ class Task(ABC):
 
     #: the metric printed at the end of a run and used to rank runs
     headline_metric: ClassVar[str]
+    #: metrics that count examples: reported as they are, with no confidence interval
+    count_metrics: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
         self,

@@ -138,6 +138,7 @@ def _check_synonyms(synonyms: Any) -> str | None:
 
 class ReasoningTask(Task):
     headline_metric: ClassVar[str] = "accuracy"
+    count_metrics: ClassVar[frozenset[str]] = frozenset({"n_correct"})
 
     def __init__(
         self,
