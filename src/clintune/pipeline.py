@@ -5,96 +5,36 @@ from __future__ import annotations
 
 import gc
 import logging
+import shutil
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
-from clintune.compute import peak_memory_bytes, training_flops
+from clintune.compute import peak_memory_bytes
 from clintune.eval.runner import EvalResult, evaluate_task
 from clintune.io import write_json_atomic, write_jsonl_atomic
-from clintune.models.loading import (
-    count_parameters,
-    load_model,
-    read_checkpoint_manifest,
-    save_trained,
+from clintune.models.loading import load_model, read_checkpoint_manifest
+from clintune.stages import (
+    StageResult,
+    fingerprint,
+    link_or_copy,
+    manifest_of,
+    run_dpo_stage,
+    run_sft_stage,
+    total_compute,
 )
 from clintune.tasks.base import Task
 from clintune.tasks.data import find_leakage
-from clintune.tokenization import EncodedExample, collate_sft, encode_example
 from clintune.tracking import finish_wandb, log_results, start_wandb
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = "model"
-
-
-class SaveWeights(Callback):
-    """Keeps the best (lowest monitored value) or last weights in the run directory in
-    Hugging Face format: full weights, or only the adapter under LoRA."""
-
-    def __init__(
-        self, dirpath: Path, tokenizer: Any, *, monitor: str, save: str, info: dict[str, Any]
-    ) -> None:
-        if save not in {"best", "last"}:
-            raise ValueError(f"method.save must be 'best' or 'last', got {save!r}")
-        self.dirpath = dirpath
-        self.tokenizer = tokenizer
-        self.monitor = monitor
-        self.save = save
-        self.info = info
-        self.best: float | None = None
-        self.saved_step: int | None = None
-
-    def _write(self, trainer: L.Trainer, module: L.LightningModule, value: float | None) -> None:
-        if trainer.is_global_zero:
-            info = {**self.info, "step": trainer.global_step, self.monitor: value}
-            save_trained(module.model, self.tokenizer, self.dirpath, info)
-        self.saved_step = trainer.global_step
-
-    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.sanity_checking or self.save != "best":
-            return
-        metric = trainer.callback_metrics.get(self.monitor)
-        if metric is None:
-            return
-        value = float(metric)
-        if self.best is None or value < self.best:
-            self.best = value
-            self._write(trainer, module, value)
-
-    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if self.save == "last" or self.saved_step is None:
-            self._write(trainer, module, None)
-
-
-def _encode_split(
-    task: Task, tokenizer: Any, examples: list[dict[str, Any]], max_length: int
-) -> tuple[list[EncodedExample], int]:
-    encoded = [
-        encode_example(tokenizer, task.messages(e), task.target_text(e), max_length)
-        for e in examples
-    ]
-    return encoded, sum(e.truncated for e in encoded)
-
-
-def _loader(
-    encoded: list[EncodedExample], batch_size: int, pad_id: int, shuffle: bool
-) -> DataLoader:
-    return DataLoader(
-        encoded,  # type: ignore[arg-type]
-        batch_size=batch_size,
-        shuffle=shuffle,
-        collate_fn=partial(collate_sft, pad_token_id=pad_id),
-    )
 
 
 def _train(
@@ -104,71 +44,46 @@ def _train(
     run_dir: Path,
     wandb_run: Any | None,
 ) -> dict[str, float]:
-    """Fit the method's module; leaves the chosen weights in ``run_dir/model``."""
+    """Run the method's stages; leaves the final weights in ``run_dir/model``."""
     method = cfg.method
-    loaded = load_model(cfg.model, cfg.paths.cache_dir, trainable_lora=True)
-    tokenizer = loaded.tokenizer
-    max_length = int(cfg.model.max_length)
-    train_set, train_truncated = _encode_split(task, tokenizer, splits["train"], max_length)
-    val_set, val_truncated = _encode_split(task, tokenizer, splits["val"], max_length)
-    module = instantiate(method.module, model=loaded.model)
-    loggers: list[Any] = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
-    if wandb_run is not None:
-        loggers.append(WandbLogger(experiment=wandb_run, log_model=False))
-    total_params, trainable_params = count_parameters(loaded.model)
-    saver = SaveWeights(
-        run_dir / WEIGHTS_DIR,
-        tokenizer,
-        monitor="val/loss",
-        save=method.save,
-        info={
-            "base_model": loaded.source,
-            "model": cfg.model.name,
-            "task": task.name,
-            "method": method.name,
-        },
-    )
-    trainer: L.Trainer = instantiate(
-        cfg.trainer,
-        default_root_dir=str(run_dir),
-        logger=loggers,
-        callbacks=[saver, LearningRateMonitor(logging_interval="step")],
-        max_epochs=method.train.epochs,
-        max_steps=method.train.get("max_steps") or -1,
-        accumulate_grad_batches=method.train.accumulate_grad_batches,
-        gradient_clip_val=method.train.gradient_clip_val,
-        val_check_interval=method.train.get("val_check_interval"),
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-    )
-    pad_id = tokenizer.pad_token_id
-    started = time.perf_counter()
-    trainer.fit(
-        module,
-        train_dataloaders=_loader(train_set, method.train.batch_size, pad_id, shuffle=True),
-        val_dataloaders=_loader(val_set, method.train.eval_batch_size, pad_id, shuffle=False),
-    )
-    seconds = time.perf_counter() - started
-    stage = method.name
-    tokens = module.tokens_trained
-    return {
-        f"compute/{stage}/train_seconds": seconds,
-        f"compute/{stage}/tokens": float(tokens),
-        f"compute/{stage}/padding_tokens": float(module.padding_tokens_trained),
-        f"compute/{stage}/flops_estimate": training_flops(total_params, trainable_params, tokens),
-        f"compute/{stage}/optimizer_steps": float(trainer.global_step),
-        "compute/train_seconds": seconds,
-        "compute/tokens": float(tokens),
-        "compute/padding_tokens": float(module.padding_tokens_trained),
-        "compute/flops_estimate": training_flops(total_params, trainable_params, tokens),
-        "compute/parameters": float(total_params),
-        "compute/trainable_parameters": float(trainable_params),
-        "data/train_examples": float(len(train_set)),
-        "data/train_truncated": float(train_truncated),
-        "data/val_examples": float(len(val_set)),
-        "data/val_truncated": float(val_truncated),
-        "train/best_val_loss": float(saver.best) if saver.best is not None else float("nan"),
-    }
+    kind = method.get("kind", "sft")
+    metrics: dict[str, float] = {}
+    stages: list[str] = []
+    if kind == "sft":
+        result = run_sft_stage(cfg, method, task, splits, run_dir, run_dir / WEIGHTS_DIR, wandb_run)
+        if result.weights != run_dir / WEIGHTS_DIR:
+            # Reused from the cache: the run directory still gets its own weights.
+            shutil.copytree(result.weights, run_dir / WEIGHTS_DIR, copy_function=link_or_copy)
+        metrics.update(result.metrics)
+        stages.append("sft")
+    elif kind == "dpo":
+        init: StageResult | None = None
+        if method.get("init_from"):
+            weights = Path(str(method.init_from))
+            init = StageResult(
+                weights, {}, fingerprint([str(weights.resolve()), manifest_of(weights)])
+            )
+        elif method.get("sft") is not None:
+            init = run_sft_stage(
+                cfg,
+                method.sft,
+                task,
+                splits,
+                run_dir,
+                run_dir / "sft_model",
+                wandb_run,
+                stage_prefix="sft",
+            )
+            metrics.update(init.metrics)
+            stages.append("sft")
+        gc.collect()
+        result = run_dpo_stage(cfg, task, splits, init, run_dir, wandb_run)
+        metrics.update(result.metrics)
+        stages.append("dpo")
+    else:
+        raise ValueError(f"method.kind must be sft or dpo, got {kind!r}")
+    metrics.update(total_compute(metrics, stages))
+    return metrics
 
 
 def _evaluate(
@@ -223,7 +138,7 @@ def run(
     write the run directory's files and the W&B run. Returns what metrics.json holds."""
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     task: Task = instantiate(cfg.task, _convert_="partial")
-    trains = train and cfg.method.get("module") is not None
+    trains = train and cfg.method.get("kind", "none") != "none"
     splits = {split: task.load_split(split) for split in (("train", "val") if trains else ())}
     splits["test"] = task.load_split("test")
     leaked = check_leakage(task, splits) if trains else []

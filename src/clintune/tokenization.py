@@ -80,3 +80,38 @@ def collate_sft(batch: list[EncodedExample], pad_token_id: int) -> dict[str, tor
         labels[row, len(example.prompt_ids) : len(ids)] = torch.tensor(example.completion_ids)
         attention_mask[row, : len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@dataclass
+class EncodedPair:
+    """A preference pair: one prompt, two completions."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    truncated: bool = False
+
+
+def encode_pair(
+    tokenizer: Any, messages: list[dict[str, str]], chosen: str, rejected: str, max_length: int
+) -> EncodedPair:
+    """Encode both completions after one prompt, cutting the prompt's start so that the
+    longer of the two sequences fits in ``max_length``."""
+    chosen_example = encode_example(tokenizer, messages, chosen, max_length)
+    rejected_ids = tokenizer(
+        completion_text(tokenizer, messages, rejected), add_special_tokens=False
+    )["input_ids"]
+    full_prompt = encode_prompt(tokenizer, messages)
+    longest = max(len(chosen_example.completion_ids), len(rejected_ids))
+    if longest >= max_length:
+        raise ValueError(f"a completion is {longest} tokens, over max_length={max_length}")
+    overflow = len(full_prompt) + longest - max_length
+    prompt_ids = full_prompt[overflow:] if overflow > 0 else full_prompt
+    return EncodedPair(prompt_ids, chosen_example.completion_ids, rejected_ids, overflow > 0)
+
+
+def collate_pairs(batch: list[EncodedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows first, then rejected rows (TRL's order), for one concatenated forward."""
+    rows = [EncodedExample(p.prompt_ids, p.chosen_ids) for p in batch]
+    rows += [EncodedExample(p.prompt_ids, p.rejected_ids) for p in batch]
+    return collate_sft(rows, pad_token_id)

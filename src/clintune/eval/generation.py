@@ -72,3 +72,63 @@ def generate_greedy(
             outputs[index] = tokenizer.decode(tokens[:cut], skip_special_tokens=True).strip()
     model.train(was_training)
     return outputs
+
+
+@torch.inference_mode()
+def generate_sampled(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[list[int]],
+    *,
+    samples: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    batch_size: int = 16,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> list[list[str]]:
+    """``samples`` sampled completions per prompt (for on-policy preference pairs), seeded so
+    that the same model and prompts give the same samples."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    stops = stop_token_ids(tokenizer, model)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    outputs: list[list[str]] = [[] for _ in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    try:
+        for batch in tqdm(batches, desc="sampling", unit="batch", disable=not show_progress):
+            length = max(len(prompts[i]) for i in batch)
+            input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
+            for row, index in enumerate(batch):
+                ids = prompts[index]
+                input_ids[row, length - len(ids) :] = torch.tensor(ids)
+                attention_mask[row, length - len(ids) :] = 1
+            generated = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                top_p=1.0,
+                num_return_sequences=samples,
+                use_cache=True,
+                eos_token_id=stops,
+                pad_token_id=pad_id,
+            )
+            new_tokens = generated[:, length:].tolist()
+            for row, index in enumerate(batch):
+                for k in range(samples):
+                    tokens = new_tokens[row * samples + k]
+                    cut = next((j for j, t in enumerate(tokens) if t in stops), len(tokens))
+                    text = tokenizer.decode(tokens[:cut], skip_special_tokens=True).strip()
+                    outputs[index].append(text)
+    finally:
+        torch.random.set_rng_state(generator_state)
+        model.train(was_training)
+    return outputs

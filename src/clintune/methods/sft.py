@@ -6,9 +6,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from transformers import get_cosine_schedule_with_warmup
 
 from clintune.methods.losses import sft_loss
+from clintune.methods.optim import adamw_warmup_cosine
 
 
 class SFTModule(L.LightningModule):
@@ -58,28 +58,15 @@ class SFTModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss = self._loss(batch)
         self.log(
-            "val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].size(0)
+            "eval/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].size(0)
         )
 
     def configure_optimizers(self) -> dict[str, Any]:
-        decay, no_decay = [], []
-        for name, parameter in self.model.named_parameters():
-            if not parameter.requires_grad:
-                continue
-            (no_decay if parameter.ndim < 2 or "norm" in name else decay).append(parameter)
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": self.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=self.learning_rate,
+        return adamw_warmup_cosine(
+            self.model,
+            learning_rate=self.learning_rate,
+            weight_decay=self.weight_decay,
+            warmup_ratio=self.warmup_ratio,
             betas=self.betas,
+            total_steps=int(self.trainer.estimated_stepping_batches),
         )
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = get_cosine_schedule_with_warmup(
-            optimizer, int(self.warmup_ratio * total_steps), total_steps
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
-        }

@@ -91,6 +91,30 @@ def read_checkpoint_manifest(checkpoint: str | Path) -> dict[str, Any]:
     return json.loads(manifest_path.read_text())
 
 
+def _base_for_checkpoint(
+    model_cfg: DictConfig,
+    source: str,
+    manifest: dict[str, Any],
+    checkpoint: Path,
+    dtype: torch.dtype,
+) -> Any:
+    """The weights an adapter checkpoint sits on: the base model, or full fine-tuned weights
+    (``base_weights``), with an earlier adapter merged in (``merged_adapter``, stored inside
+    the checkpoint) when DPO-with-LoRA started from an SFT adapter."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(manifest.get("base_weights") or source, dtype=dtype)
+    if manifest.get("merged_adapter"):
+        from peft import PeftModel
+
+        inner = checkpoint / manifest["merged_adapter"]
+        inner_manifest = read_checkpoint_manifest(inner)
+        if inner_manifest.get("base_weights") or inner_manifest.get("merged_adapter"):
+            base = _base_for_checkpoint(model_cfg, source, inner_manifest, inner, dtype)
+        base = PeftModel.from_pretrained(base, str(inner)).merge_and_unload()
+    return base
+
+
 def load_model(
     model_cfg: DictConfig,
     cache_dir: str | Path,
@@ -101,28 +125,30 @@ def load_model(
     """Load the model described by ``model_cfg``.
 
     ``checkpoint`` is a directory written by :func:`save_trained`: full weights are loaded
-    from it directly, an adapter is put on top of the base model. ``trainable_lora`` wraps a
-    fresh LoRA adapter around the base model when ``model.lora.enabled`` is set.
+    from it directly, an adapter is put on top of the weights it was trained on.
+    ``trainable_lora`` wraps a fresh LoRA adapter around the base model when
+    ``model.lora.enabled`` is set.
     """
     from transformers import AutoModelForCausalLM
 
     dtype = _dtype(model_cfg.get("dtype"))
     source = resolve_source(model_cfg, cache_dir)
-    manifest = read_checkpoint_manifest(checkpoint) if checkpoint is not None else None
-    if manifest is not None and manifest["kind"] == "full":
-        weights_dir = str(checkpoint)
-        tokenizer = load_tokenizer(weights_dir)
-    else:
-        weights_dir = source
-        tokenizer = load_tokenizer(source)
-    model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=dtype)
-    is_lora = False
-    if manifest is not None and manifest["kind"] == "lora":
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        manifest = read_checkpoint_manifest(checkpoint)
+        tokenizer = load_tokenizer(str(checkpoint))
+        if manifest["kind"] == "full":
+            model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype)
+            return LoadedModel(model=model, tokenizer=tokenizer, source=source, is_lora=False)
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(checkpoint), is_trainable=trainable_lora)
-        is_lora = True
-    elif trainable_lora and model_cfg.lora.enabled:
+        base = _base_for_checkpoint(model_cfg, source, manifest, checkpoint, dtype)
+        model = PeftModel.from_pretrained(base, str(checkpoint), is_trainable=trainable_lora)
+        return LoadedModel(model=model, tokenizer=tokenizer, source=source, is_lora=True)
+    tokenizer = load_tokenizer(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    is_lora = False
+    if trainable_lora and model_cfg.lora.enabled:
         from peft import get_peft_model
 
         model = get_peft_model(model, _lora_config(model_cfg.lora))
@@ -130,10 +156,55 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, is_lora=is_lora)
 
 
-def save_trained(model: Any, tokenizer: Any, out_dir: str | Path, info: dict[str, Any]) -> None:
+def load_for_training(
+    model_cfg: DictConfig, cache_dir: str | Path, init: str | Path | None = None
+) -> tuple[LoadedModel, dict[str, Any]]:
+    """A model to train from ``init`` (None: the base model), and the lineage to record in
+    the manifest of what it saves.
+
+    From full weights, training continues on them (with a fresh adapter under LoRA, whose
+    base is then those weights). From an adapter, the adapter is merged into its base first,
+    so that under LoRA the new adapter's "disabled" state is the init model itself (the DPO
+    reference), and the merged adapter is stored inside the new checkpoint.
+    """
+    source = resolve_source(model_cfg, cache_dir)
+    lineage: dict[str, Any] = {"base_model": source}
+    if init is None:
+        return load_model(model_cfg, cache_dir, trainable_lora=True), lineage
+    init = Path(init)
+    manifest = read_checkpoint_manifest(init)
+    loaded = load_model(model_cfg, cache_dir, checkpoint=init)
+    model = loaded.model
+    lineage["init_from"] = str(init)
+    if manifest["kind"] == "lora":
+        model = model.merge_and_unload()
+        if model_cfg.lora.enabled:
+            lineage["merged_adapter"] = "init_adapter"
+            if manifest.get("base_weights"):
+                lineage["base_weights"] = manifest["base_weights"]
+    elif model_cfg.lora.enabled:
+        lineage["base_weights"] = str(init)
+    is_lora = False
+    if model_cfg.lora.enabled:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, _lora_config(model_cfg.lora))
+        is_lora = True
+    model.train()
+    return LoadedModel(model, loaded.tokenizer, source, is_lora), lineage
+
+
+def save_trained(
+    model: Any,
+    tokenizer: Any,
+    out_dir: str | Path,
+    info: dict[str, Any],
+    extra_dirs: dict[str, Path] | None = None,
+) -> None:
     """Save weights (or only the adapter, for a LoRA model) so that a crash never leaves a
     directory that looks complete: write beside, then swap in with renames; the manifest that
-    marks completeness is written last inside the staging directory."""
+    marks completeness is written last inside the staging directory. ``extra_dirs`` are
+    copied in (an adapter this one was stacked on)."""
     out_dir = Path(out_dir)
     staging = out_dir.with_name(out_dir.name + ".tmp")
     previous = out_dir.with_name(out_dir.name + ".old")
@@ -141,6 +212,8 @@ def save_trained(model: Any, tokenizer: Any, out_dir: str | Path, info: dict[str
     is_lora = hasattr(model, "peft_config")
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    for name, directory in (extra_dirs or {}).items():
+        shutil.copytree(directory, staging / name)
     manifest = {"kind": "lora" if is_lora else "full", **info}
     (staging / CHECKPOINT_MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     shutil.rmtree(previous, ignore_errors=True)

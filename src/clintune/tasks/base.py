@@ -62,6 +62,17 @@ class Task(ABC):
         """The answer in a generated text, or None if there is none. ``example`` lets a
         parser use the example's own context, e.g. match an answer to its option texts."""
 
+    def wrong_answers(self, example: dict[str, Any]) -> list[str]:
+        """Target texts of wrong answers (other labels, distractor options): the rejected
+        side of label-based preference pairs. Tasks without a closed answer set return []."""
+        return []
+
+    def is_correct(self, example: dict[str, Any], output: str) -> bool:
+        """Whether a generated output is right by the task's own metric (on-policy pairs)."""
+        prediction = self.parse(output, example)
+        scores = self.score_examples([example], [prediction], [self.gold(example)])
+        return bool(scores[0].get("correct", False))
+
     def check_record(self, record: dict[str, Any]) -> list[str]:
         """Problems that involve several fields of one valid-looking record."""
         return []
@@ -103,6 +114,8 @@ class Task(ABC):
 
     def load_split(self, split: str) -> list[dict[str, Any]]:
         """A validated split: from ``task.data.hub`` when set, else from the split's file."""
+        # Any task's data may carry a dispreferred answer for DPO.
+        schema = {**self.schema(), "rejected": FieldSpec(str, required=False)}
         field_map = {str(k): str(v) for k, v in (self.data.get("field_map") or {}).items()}
         value_map = OmegaConf.to_container(self.data.get("value_map") or OmegaConf.create({}))
         hub = self.data.get("hub")
@@ -111,7 +124,7 @@ class Task(ABC):
             return load_hub_split(
                 str(hub.dataset),
                 str(hub_split),
-                self.schema(),
+                schema,
                 field_map,
                 value_map,  # type: ignore[arg-type]
                 subset=hub.get("subset"),

@@ -50,6 +50,9 @@ class ClassificationTask(Task):
     def target_text(self, example: dict[str, Any]) -> str:
         return example["label"]
 
+    def wrong_answers(self, example: dict[str, Any]) -> list[str]:
+        return [label for label in self.labels if label != example["label"]]
+
     def gold(self, example: dict[str, Any]) -> str:
         return example["label"]
 

@@ -212,6 +212,14 @@ class ReasoningTask(Task):
     def target_text(self, example: dict[str, Any]) -> str:
         return example["answer"] if self.with_options else example["answer_text"]
 
+    def wrong_answers(self, example: dict[str, Any]) -> list[str]:
+        options = example.get("options") or {}
+        if self.with_options:
+            return [letter for letter in self.option_letters if letter != example["answer"]]
+        accepted = {normalise_answer(example["answer_text"])}
+        accepted.update(normalise_answer(s) for s in example.get("synonyms") or [])
+        return [text for text in options.values() if normalise_answer(text) not in accepted]
+
     def gold(self, example: dict[str, Any]) -> str | dict[str, Any]:
         if self.with_options:
             return example["answer"]

@@ -41,10 +41,12 @@ class SummarizationTask(Task):
         *,
         judge: DictConfig | Mapping[str, Any] | None = None,
         cache_dir: str | Path | None = None,
+        correct_rouge_l: float = 0.5,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.judge_cfg = judge
+        self.correct_rouge_l = float(correct_rouge_l)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
 
     def schema(self) -> dict[str, FieldSpec]:
@@ -65,6 +67,10 @@ class SummarizationTask(Task):
     def parse(self, output: str, example: dict[str, Any] | None = None) -> str | None:
         text = output.strip()
         return text or None
+
+    def is_correct(self, example: dict[str, Any], output: str) -> bool:
+        # No judge per sample (too slow for on-policy pairs): ROUGE-L against the reference.
+        return rouge_l(self.parse(output, example), example["summary"]) >= self.correct_rouge_l
 
     def make_judge(self) -> Judge:
         # Built on demand, so that a run that only trains never loads a judge model.

@@ -120,6 +120,14 @@ class TriageTask(Task):
     def target_text(self, example: dict[str, Any]) -> str:
         return format_triage(example["provider"], example["urgency"])
 
+    def wrong_answers(self, example: dict[str, Any]) -> list[str]:
+        return [
+            format_triage(provider, urgency)
+            for provider in self.provider_labels
+            for urgency in self.urgency_labels
+            if (provider, urgency) != (example["provider"], example["urgency"])
+        ]
+
     def gold(self, example: dict[str, Any]) -> dict[str, str]:
         return {"provider": example["provider"], "urgency": example["urgency"]}
 

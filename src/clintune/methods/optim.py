@@ -1,0 +1,41 @@
+"""The optimiser every method shares: AdamW with linear warm-up then cosine decay."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import get_cosine_schedule_with_warmup
+
+
+def adamw_warmup_cosine(
+    model: torch.nn.Module,
+    *,
+    learning_rate: float,
+    weight_decay: float,
+    warmup_ratio: float,
+    betas: tuple[float, float],
+    total_steps: int,
+) -> dict[str, Any]:
+    """Lightning's optimiser dict; norms and biases are not decayed."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (no_decay if parameter.ndim < 2 or "norm" in name else decay).append(parameter)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=learning_rate,
+        betas=betas,
+    )
+    total_steps = max(1, total_steps)
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, int(warmup_ratio * total_steps), total_steps
+    )
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
+    }
