@@ -43,6 +43,7 @@ from clintune.tokenization import (
     EncodedExample,
     EncodedPair,
     collate_pairs,
+    collate_pairs_shared_prompt,
     collate_sft,
     encode_example,
     encode_pair,
@@ -344,10 +345,14 @@ def _encode_pairs(pairs: list, tokenizer: Any, max_length: int) -> tuple[list[En
     return encoded, sum(e.truncated for e in encoded)
 
 
+def _pair_collate(share_prompt: bool) -> Any:
+    return collate_pairs_shared_prompt if share_prompt else collate_pairs
+
+
 def _collate_with_reference(
-    items: list[tuple[EncodedPair, float, float]], pad_token_id: int
+    items: list[tuple[EncodedPair, float, float]], pad_token_id: int, share_prompt: bool
 ) -> dict[str, torch.Tensor]:
-    batch = collate_pairs([item[0] for item in items], pad_token_id)
+    batch = _pair_collate(share_prompt)([item[0] for item in items], pad_token_id)
     batch["ref_chosen_logps"] = torch.tensor([item[1] for item in items], dtype=torch.float32)
     batch["ref_rejected_logps"] = torch.tensor([item[2] for item in items], dtype=torch.float32)
     return batch
@@ -360,6 +365,7 @@ def reference_logps_cached(
     pad_token_id: int,
     batch_size: int,
     cache_file: Path,
+    share_prompt: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
     """Reference log-probs of ``encoded`` pairs, from ``cache_file`` when present; written
     atomically, so an interrupted run never leaves a truncated cache behind."""
@@ -370,7 +376,7 @@ def reference_logps_cached(
     loader = DataLoader(
         encoded,  # type: ignore[arg-type]
         batch_size=batch_size,
-        collate_fn=partial(collate_pairs, pad_token_id=pad_token_id),
+        collate_fn=partial(_pair_collate(share_prompt), pad_token_id=pad_token_id),
     )
     chosen, rejected, tokens = precompute_reference_logps(model, loader)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -396,6 +402,7 @@ def run_dpo_stage(
     max_length = int(cfg.model.max_length)
     pad_id = tokenizer.pad_token_id
     pair_cfg = method.pairs
+    share_prompt = bool(method.get("share_prompt", True))
     needs_sampler = pair_cfg.source in ("on_policy", "auto")
     sampler = _sampler(policy, tokenizer, task, cfg) if needs_sampler else None
     pair_counts: dict[str, float] = {}
@@ -434,6 +441,7 @@ def run_dpo_stage(
             key = fingerprint(
                 {
                     "weights": init.key if init is not None else _container(cfg.model),
+                    "share_prompt": share_prompt,
                     "pairs": [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in encoded[split]],
                 }
             )[:24]
@@ -444,6 +452,7 @@ def run_dpo_stage(
                 pad_token_id=pad_id,
                 batch_size=int(method.train.eval_batch_size),
                 cache_file=cache_file,
+                share_prompt=share_prompt,
             )
             reference_tokens += tokens if split == "train" else 0
             cache_hits += int(hit)
@@ -466,7 +475,7 @@ def run_dpo_stage(
         info={**lineage, "model": cfg.model.name, "task": task.name, "method": method.name},
         extra_dirs=extra_dirs,
     )
-    collate = partial(_collate_with_reference, pad_token_id=pad_id)
+    collate = partial(_collate_with_reference, pad_token_id=pad_id, share_prompt=share_prompt)
     train_loader = DataLoader(
         items["train"], batch_size=method.train.batch_size, shuffle=True, collate_fn=collate
     )

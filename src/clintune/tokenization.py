@@ -115,3 +115,30 @@ def collate_pairs(batch: list[EncodedPair], pad_token_id: int) -> dict[str, torc
     rows = [EncodedExample(p.prompt_ids, p.chosen_ids) for p in batch]
     rows += [EncodedExample(p.prompt_ids, p.rejected_ids) for p in batch]
     return collate_sft(rows, pad_token_id)
+
+
+def collate_pairs_shared_prompt(
+    batch: list[EncodedPair], pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """One left-padded prompt per pair and both completions right-padded after it (chosen
+    rows, then rejected rows), so the prompt is run once for the two completions."""
+    prompt_length = max(len(p.prompt_ids) for p in batch)
+    prompt_ids = torch.full((len(batch), prompt_length), pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(batch), prompt_length), dtype=torch.long)
+    for row, pair in enumerate(batch):
+        start = prompt_length - len(pair.prompt_ids)
+        prompt_ids[row, start:] = torch.tensor(pair.prompt_ids)
+        prompt_mask[row, start:] = 1
+    completions = [p.chosen_ids for p in batch] + [p.rejected_ids for p in batch]
+    completion_length = max(len(c) for c in completions)
+    completion_ids = torch.full((len(completions), completion_length), pad_token_id)
+    completion_mask = torch.zeros((len(completions), completion_length), dtype=torch.long)
+    for row, ids in enumerate(completions):
+        completion_ids[row, : len(ids)] = torch.tensor(ids)
+        completion_mask[row, : len(ids)] = 1
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+    }

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -19,20 +20,89 @@ from clintune.tokenization import IGNORE_INDEX
 REFERENCE_MODES = ("precompute", "adapter_disabled", "copy")
 
 
-def completion_mean_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean over completion tokens of the vocabulary-mean logit (TRL's ``logits/…``)."""
-    mask = labels[:, 1:] != IGNORE_INDEX
-    per_token = logits[:, :-1, :].float().mean(-1)
-    return per_token[mask].mean() if mask.any() else per_token.new_zeros(())
+@dataclass
+class PairForward:
+    """What one forward pass over a batch of pairs yields, rows = chosen then rejected."""
+
+    logps: torch.Tensor  # [2B] summed completion log-probs
+    lengths: torch.Tensor  # [2B] completion tokens
+    logit_sums: torch.Tensor  # [2B] sum over completion tokens of the vocabulary-mean logit
+    tokens: int  # non-padding tokens processed
+
+
+def _masked_logit_sums(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (logits.detach().float().mean(-1) * mask).sum(-1)
+
+
+def _concatenated_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> PairForward:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    mask = batch["labels"][:, 1:] != IGNORE_INDEX
+    return PairForward(
+        logps=completion_logps(logits, batch["labels"]),
+        lengths=mask.sum(-1),
+        logit_sums=_masked_logit_sums(logits[:, :-1], mask),
+        tokens=int(batch["attention_mask"].sum()),
+    )
+
+
+def _shared_prompt_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> PairForward:
+    """The prompt runs once; its key/value cache (with gradients) is tiled for the chosen and
+    the rejected completion. Same log-probs as the concatenated pass, at about half the cost
+    when prompts are much longer than answers, as in clinical tasks."""
+    prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
+    completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
+    pairs = prompt_ids.size(0)
+    prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    prompt_out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=prompt_positions,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = prompt_out.cache
+    tiled = torch.arange(pairs, device=prompt_ids.device).repeat(2)
+    cache.batch_select_indices(tiled)
+    prompt_lengths = prompt_mask.sum(-1)[tiled]
+    steps = torch.arange(completion_ids.size(1), device=prompt_ids.device)
+    completion_out = model(
+        input_ids=completion_ids,
+        attention_mask=torch.cat([prompt_mask[tiled], completion_mask], dim=1),
+        position_ids=prompt_lengths[:, None] + steps[None, :],
+        cache=cache,
+        use_cache=True,
+    )
+    # Completion token j is predicted by the position before it: the prompt's last position
+    # for j = 0, then the completion's own positions.
+    logits = torch.cat(
+        [prompt_out.logits[tiled][:, -1:, :], completion_out.logits[:, :-1, :]], dim=1
+    )
+    log_probs = (
+        logits.float().log_softmax(-1) if logits.dtype != torch.float64 else logits.log_softmax(-1)
+    )
+    token_logps = torch.gather(log_probs, 2, completion_ids.unsqueeze(-1)).squeeze(-1)
+    mask = completion_mask.bool()
+    return PairForward(
+        logps=(token_logps * mask).sum(-1),
+        lengths=mask.sum(-1),
+        logit_sums=_masked_logit_sums(logits, mask),
+        tokens=int(prompt_mask.sum() + completion_mask.sum()),
+    )
+
+
+def pair_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> PairForward:
+    """Log-probs of both completions of every pair, by whichever layout the batch uses."""
+    if "prompt_ids" in batch:
+        return _shared_prompt_forward(model, batch)
+    return _concatenated_forward(model, batch)
 
 
 def sequence_logps(
     model: torch.nn.Module, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-row summed completion log-probs, per-row completion lengths) of a batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    lengths = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
-    return completion_logps(logits, batch["labels"]), lengths
+    out = pair_forward(model, batch)
+    return out.logps, out.lengths
 
 
 @contextlib.contextmanager
@@ -96,25 +166,22 @@ class DPOModule(L.LightningModule):
     def _reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.reference == "precompute":
             return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-        if self.training:
-            self.reference_tokens += int(batch["attention_mask"].sum())
         with torch.no_grad():
             if self.reference == "copy":
-                logps, _ = sequence_logps(self._reference_model[0], batch)
+                out = pair_forward(self._reference_model[0], batch)
             else:
                 with adapter_disabled(self.model):
-                    logps, _ = sequence_logps(self.model, batch)
-        return logps.chunk(2)
+                    out = pair_forward(self.model, batch)
+        if self.training:
+            self.reference_tokens += out.tokens
+        return out.logps.chunk(2)
 
     def pair_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-pair losses and everything TRL logs about them."""
-        logits = self.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).logits
-        logps = completion_logps(logits, batch["labels"])
-        lengths = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
-        chosen_logps, rejected_logps = logps.chunk(2)
-        chosen_lengths, rejected_lengths = lengths.chunk(2)
+        out = pair_forward(self.model, batch)
+        self._last_tokens = out.tokens
+        chosen_logps, rejected_logps = out.logps.chunk(2)
+        chosen_lengths, rejected_lengths = out.lengths.chunk(2)
         ref_chosen, ref_rejected = self._reference_logps(batch)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             chosen_logps,
@@ -127,17 +194,16 @@ class DPOModule(L.LightningModule):
             chosen_lengths=chosen_lengths,
             rejected_lengths=rejected_lengths,
         )
-        half = batch["labels"].size(0) // 2
+        chosen_logit_sums, rejected_logit_sums = out.logit_sums.chunk(2)
         return {
             "losses": losses,
             "rewards/chosen": chosen_rewards,
             "rewards/rejected": rejected_rewards,
             "logps/chosen": chosen_logps.detach(),
             "logps/rejected": rejected_logps.detach(),
-            "logits/chosen": completion_mean_logits(logits[:half].detach(), batch["labels"][:half]),
-            "logits/rejected": completion_mean_logits(
-                logits[half:].detach(), batch["labels"][half:]
-            ),
+            # Token-weighted over the batch, as TRL computes them.
+            "logits/chosen": chosen_logit_sums.sum() / chosen_lengths.sum().clamp(min=1),
+            "logits/rejected": rejected_logit_sums.sum() / rejected_lengths.sum().clamp(min=1),
         }
 
     def _log_pairs(self, prefix: str, out: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
@@ -173,9 +239,12 @@ class DPOModule(L.LightningModule):
                 " stopping with the last good checkpoint intact. Lower method.module.learning_rate"
                 " or beta, or check the precision setting."
             )
-        real = int(batch["attention_mask"].sum())
+        masks = [
+            v for k, v in batch.items() if k in ("attention_mask", "prompt_mask", "completion_mask")
+        ]
+        real = sum(int(m.sum()) for m in masks)
         self.tokens_trained += real
-        self.padding_tokens_trained += batch["attention_mask"].numel() - real
+        self.padding_tokens_trained += sum(m.numel() for m in masks) - real
         self._log_pairs("train", out, loss)
         return loss
 
@@ -205,10 +274,10 @@ def precompute_reference_logps(
     chosen, rejected, tokens = [], [], 0
     for batch in batches:
         batch = {key: value.to(device) for key, value in batch.items()}
-        logps, _ = sequence_logps(model, batch)
-        first, second = logps.chunk(2)
+        out = pair_forward(model, batch)
+        first, second = out.logps.chunk(2)
         chosen.append(first.float().cpu())
         rejected.append(second.float().cpu())
-        tokens += int(batch["attention_mask"].sum())
+        tokens += out.tokens
     model.train(was_training)
     return torch.cat(chosen), torch.cat(rejected), tokens
