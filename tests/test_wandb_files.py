@@ -56,6 +56,7 @@ def plain_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         del run.summary["gone"]
         run.log({"preds": wandb.Table(columns=["a", "b"], data=[[1, 2], [3, 4]])})
         run.finish()
+        wandb.teardown()  # finish() may return before wandb-core flushed the file
     [path] = find_offline_runs(base)
     yield path
 
@@ -89,6 +90,7 @@ def test_plain_run_round_trip(plain_run: Path) -> None:
 
 
 def test_lightning_wandb_logger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import wandb
     from lightning.pytorch.loggers import WandbLogger
 
     _offline_env(monkeypatch, tmp_path)
@@ -100,6 +102,7 @@ def test_lightning_wandb_logger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     logger.log_metrics({"train/loss": 1.5, "val/f1": 0.3}, step=5)
     logger.experiment.summary.update({"test/f1": 0.7, "test/n": 12})
     logger.experiment.finish()
+    wandb.teardown()  # finish() may return before wandb-core flushed the file
 
     [path] = find_offline_runs(tmp_path)
     run = read_run(path)

@@ -67,5 +67,11 @@ def log_results(
 
 
 def finish_wandb(run: Any | None, failed: bool) -> None:
-    if run is not None:
-        run.finish(exit_code=1 if failed else 0)
+    if run is None:
+        return
+    import wandb
+
+    run.finish(exit_code=1 if failed else 0)
+    # finish() can return before wandb-core has flushed an offline run file; teardown waits
+    # for it, so the run directory is complete when the job ends (seen with wandb 0.31).
+    wandb.teardown()
