@@ -14,9 +14,18 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    from hydra.types import RunMode
+
+    from clintune.jobs import run_job
     from clintune.pipeline import run
 
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    hydra_cfg = HydraConfig.get()
+    run_job(
+        cfg,
+        Path(hydra_cfg.runtime.output_dir),
+        multirun=hydra_cfg.mode == RunMode.MULTIRUN,
+        job=run,
+    )
 
 
 if __name__ == "__main__":
