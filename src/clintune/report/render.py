@@ -1,0 +1,525 @@
+"""The report on disk: markdown, CSVs and one self-contained HTML page with its plots."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from clintune.report.table import Cell, ComputeRow, Report
+
+CI_NOTE = {
+    "t": "t-interval over seeds (scipy.stats.t, n − 1 df)",
+    "bootstrap": "one seed: that run's percentile bootstrap CI over test examples (metrics.json)",
+}
+CI_MARK = {"t": "†", "bootstrap": "‡"}
+METHOD_COLORS = {"base": "#9e9e9e", "sft": "#1f77b4", "dpo": "#d62728", "dpo_only": "#ff7f0e"}
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write beside, then rename: a crash leaves the old file or none, never half a report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide the report from the team
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def fmt_value(value: float | None, digits: int = 3) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def fmt_p(value: float | None) -> str:
+    if value is None or value != value:
+        return ""
+    return f"{value:.3f}" if value >= 0.001 else f"{value:.1e}"
+
+
+def fmt_big(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.2e}"
+
+
+def fmt_bytes(value: float | None) -> str:
+    return "" if value is None else f"{value / 2**30:.2f} GiB"
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}×"
+
+
+def cell_text(cell: Cell) -> str:
+    """``mean [low, high]†`` for a value; ``— (reason)`` for a gap, never a zero."""
+    if cell.is_gap:
+        return f"— ({cell.gap_text or 'no runs'})"
+    text = fmt_value(cell.mean)
+    if cell.ci_low is not None and cell.ci_high is not None:
+        text += f" [{fmt_value(cell.ci_low)}, {fmt_value(cell.ci_high)}]"
+    text += CI_MARK.get(cell.ci_kind or "", "")
+    if cell.gaps:
+        text += f" ({cell.n_seeds}/{len(cell.expected_seeds)} seeds)"
+    return text
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _column_names(report: Report) -> list[tuple[str, str]]:
+    return [(model, method) for model in report.models for method in report.methods]
+
+
+def _row_label(report: Report, task: str, metric: str) -> str:
+    headline = report.metrics[task] and report.metrics[task][0] == metric
+    return f"{metric} (headline)" if headline else metric
+
+
+# --------------------------------------------------------------------------- rows for tables
+
+
+def comparison_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    header = ["task", "metric", *(f"{model} · {method}" for model, method in _column_names(report))]
+    rows = []
+    for task in report.tasks:
+        for metric in report.metrics[task]:
+            rows.append(
+                [
+                    task,
+                    _row_label(report, task, metric),
+                    *(
+                        cell_text(report.cell(task, metric, model, method))
+                        for model, method in _column_names(report)
+                    ),
+                ]
+            )
+    return header, rows
+
+
+def significance_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    adjusted = "P (Holm)" if report.correction == "holm" else "P (uncorrected)"
+    header = ["task", "metric", "model", "comparison", "test", "seeds", "n", "effect", "P"]
+    header += [adjusted, "status"]
+    rows = []
+    for c in report.comparisons:
+        status = c.status if not c.note else f"{c.status}: {c.note}"
+        rows.append(
+            [
+                c.task,
+                c.metric,
+                c.model,
+                c.label,
+                c.test,
+                ", ".join(f"s{s}" for s in c.seeds),
+                "" if c.n is None else str(c.n) + (f" (−{c.n_dropped})" if c.n_dropped else ""),
+                "" if c.effect is None else f"{c.effect:+.3f}",
+                fmt_p(c.p_value),
+                fmt_p(c.p_adjusted),
+                status,
+            ]
+        )
+    return header, rows
+
+
+def compute_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    header = [
+        "task",
+        "model",
+        "method",
+        "seeds",
+        "train s",
+        "tokens",
+        "FLOPs (est.)",
+        "peak memory",
+        "FLOPs vs SFT",
+        "time vs SFT",
+        "DPO stage FLOPs vs SFT",
+        "DPO stage time vs SFT",
+        "note",
+    ]
+    rows = [
+        [
+            r.task,
+            r.model,
+            r.method,
+            str(len(r.seeds)),
+            fmt_big(r.train_seconds),
+            fmt_big(r.tokens),
+            fmt_big(r.flops),
+            fmt_bytes(r.peak_memory_bytes),
+            fmt_ratio(r.flops_vs_sft),
+            fmt_ratio(r.seconds_vs_sft),
+            fmt_ratio(r.dpo_stage_flops_vs_sft),
+            fmt_ratio(r.dpo_stage_seconds_vs_sft),
+            r.note,
+        ]
+        for r in report.compute
+    ]
+    return header, rows
+
+
+def _footnotes(report: Report) -> list[str]:
+    kinds = sorted({c.ci_kind for c in report.cells if c.ci_kind})
+    notes = [f"{CI_MARK[k]} 95% CI: {CI_NOTE[k]}." for k in kinds]
+    notes.append(
+        "Cells are means over seeds; a gap (—) gives its reason and is never counted as zero."
+    )
+    if report.correction == "holm":
+        tests = sum(c.status == "ok" for c in report.comparisons)
+        notes.append(
+            "P values are two-sided and paired on seed-matched runs (seeds pooled, examples "
+            f"paired by id); Holm's correction across all {tests} tests of this report."
+        )
+    else:
+        notes.append("P values are two-sided, paired, and not corrected for multiple tests.")
+    return notes
+
+
+def _partial_gaps(report: Report) -> list[str]:
+    seen: set[tuple[str, str, str]] = set()
+    lines = []
+    for cell in report.cells:
+        key = (cell.task, cell.model, cell.method)
+        if cell.gaps and not cell.is_gap and key not in seen:
+            seen.add(key)
+            lines.append(f"{cell.task} · {cell.model} · {cell.method}: {cell.gap_text}")
+    return lines
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(_md_escape(h) for h in header) + " |"]
+    lines.append("|" + "|".join("---" for _ in header) + "|")
+    lines += ["| " + " | ".join(_md_escape(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def summary_line(report: Report, n_runs: dict[str, int]) -> str:
+    parts = ", ".join(f"{count} {status}" for status, count in n_runs.items())
+    return (
+        f"{sum(n_runs.values())} runs ({parts}); models {', '.join(report.models)}; "
+        f"methods {', '.join(report.methods)}; seeds "
+        f"{', '.join('?' if s is None else str(s) for s in report.seeds)}."
+    )
+
+
+def comparison_markdown(report: Report) -> str:
+    header, rows = comparison_rows(report)
+    return _md_table(header, rows) + "\n\n" + "\n".join(f"{n}  " for n in _footnotes(report))
+
+
+def to_markdown(report: Report, n_runs: dict[str, int]) -> str:
+    out = ["# clintune report", "", summary_line(report, n_runs), ""]
+    out += ["## Comparison", "", comparison_markdown(report), ""]
+    partial = _partial_gaps(report)
+    if partial:
+        out += ["Seeds left out of a mean:", "", *(f"- {_md_escape(p)}" for p in partial), ""]
+    out += ["## Significance", "", _md_table(*significance_rows(report)), ""]
+    out += ["## Compute", "", _md_table(*compute_rows(report)), ""]
+    out += [
+        "FLOPs vs SFT and time vs SFT: DPO's total (its SFT stage included) over the sft "
+        "runs'; DPO stage: the preference stage alone over SFT.",
+        "",
+    ]
+    if report.warnings:
+        out += ["## Warnings", "", *(f"- {_md_escape(w)}" for w in report.warnings), ""]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- CSV
+
+
+def _csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([["" if v is None else v for v in row] for row in rows])
+    return buffer.getvalue()
+
+
+def comparison_csv(report: Report) -> str:
+    header = ["task", "metric", "headline", "model", "method", "mean", "ci_low", "ci_high"]
+    header += ["ci_kind", "n_seeds", "seeds", "expected_seeds", "gap"]
+    rows = [
+        [
+            c.task,
+            c.metric,
+            int(report.metrics[c.task][0] == c.metric),
+            c.model,
+            c.method,
+            c.mean,
+            c.ci_low,
+            c.ci_high,
+            c.ci_kind,
+            c.n_seeds,
+            " ".join(str(s) for s in c.seeds),
+            " ".join(str(s) for s in c.expected_seeds),
+            c.gap_text,
+        ]
+        for c in report.cells
+    ]
+    return _csv(header, rows)
+
+
+def significance_csv(report: Report) -> str:
+    header = ["task", "metric", "model", "control", "treatment", "test", "status", "seeds", "n"]
+    header += ["n_dropped", "statistic", "effect", "p_value", "p_adjusted", "correction", "note"]
+    rows = [
+        [
+            c.task,
+            c.metric,
+            c.model,
+            c.control,
+            c.treatment,
+            c.test,
+            c.status,
+            " ".join(str(s) for s in c.seeds),
+            c.n,
+            c.n_dropped,
+            c.statistic,
+            c.effect,
+            c.p_value,
+            c.p_adjusted,
+            report.correction,
+            c.note,
+        ]
+        for c in report.comparisons
+    ]
+    return _csv(header, rows)
+
+
+def compute_csv(report: Report) -> str:
+    fields = list(ComputeRow.__dataclass_fields__)
+    rows = []
+    for row in report.compute:
+        values = [getattr(row, name) for name in fields]
+        values[fields.index("seeds")] = " ".join(str(s) for s in row.seeds)
+        rows.append(values)
+    return _csv(fields, rows)
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _short_gap(cell: Cell) -> str:
+    reasons = [reason.split(":")[0] for reason in cell.gaps]
+    return "/".join(dict.fromkeys(reasons)) or "no runs"
+
+
+def task_figure_png(report: Report, task: str) -> bytes:
+    """Grouped bars: model groups, one bar per method, CI whiskers; one panel per metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; must precede pyplot
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    metrics = report.metrics[task]
+    ncols = min(3, len(metrics))
+    nrows = -(-len(metrics) // ncols)
+    fig, axes = plt.subplots(
+        nrows,
+        ncols,
+        figsize=(max(4.2 * ncols, 6.0), 3.2 * nrows + 0.6),
+        squeeze=False,
+        dpi=96,
+        layout="constrained",
+    )
+    width = 0.8 / max(1, len(report.methods))
+    for ax, metric in zip(axes.flat, metrics, strict=False):
+        top = 0.0
+        for position, method in enumerate(report.methods):
+            xs, heights, low_err, high_err = [], [], [], []
+            gaps: list[tuple[float, str]] = []
+            for group, model in enumerate(report.models):
+                x = group - 0.4 + width * (position + 0.5)
+                cell = report.cell(task, metric, model, method)
+                if cell.is_gap:
+                    gaps.append((x, _short_gap(cell)))
+                    continue
+                assert cell.mean is not None
+                xs.append(x)
+                heights.append(cell.mean)
+                low = cell.ci_low if cell.ci_low is not None else cell.mean
+                high = cell.ci_high if cell.ci_high is not None else cell.mean
+                low_err.append(max(0.0, cell.mean - low))
+                high_err.append(max(0.0, high - cell.mean))
+                top = max(top, high)
+            ax.bar(
+                xs,
+                heights,
+                width,
+                yerr=[low_err, high_err],
+                capsize=3,
+                label=method,
+                color=METHOD_COLORS.get(method, f"C{position}"),
+                edgecolor="black",
+                linewidth=0.5,
+            )
+            for x, label in gaps:  # a gap is labelled, never drawn as a zero-height bar
+                ax.text(
+                    x,
+                    0.02,
+                    label,
+                    rotation=90,
+                    ha="center",
+                    va="bottom",
+                    color="#b00020",
+                    fontsize=8,
+                    transform=ax.get_xaxis_transform(),
+                )
+        # Fixed limits: a group of gaps only draws text, which autoscaling would not include.
+        ax.set_xlim(-0.5, len(report.models) - 0.5)
+        ax.set_xticks(range(len(report.models)), report.models)
+        ax.set_title(metric, fontsize=10)
+        ax.set_ylim(0, max(1.0, top * 1.1) if top <= 1.0 else top * 1.15)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(metrics) :]:
+        ax.axis("off")
+    # Built by hand: a method whose every cell is a gap draws no bar to take a legend from.
+    handles = [
+        Patch(facecolor=METHOD_COLORS.get(m, f"C{i}"), edgecolor="black", label=m)
+        for i, m in enumerate(report.methods)
+    ]
+    fig.legend(
+        handles=handles, loc="outside upper right", ncols=len(handles), fontsize=9, frameon=False
+    )
+    fig.suptitle(f"{task}: mean over seeds, 95% CI", fontsize=11, x=0.01, ha="left")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- HTML
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem;color:#222;
+max-width:1400px}
+h1{font-size:1.5rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0}
+th,td{border:1px solid #ccc;padding:.25rem .5rem;text-align:left;vertical-align:top}
+th{background:#f3f5f7;position:sticky;top:0}
+tr:nth-child(even) td{background:#fafbfc}
+td.gap{color:#b00020;font-style:italic}td.num{font-variant-numeric:tabular-nums;
+white-space:nowrap}
+td.sig{font-weight:600}td.refused{color:#b00020}
+.note{color:#555;font-size:.8rem}figure{margin:1rem 0}figure img{max-width:100%;
+border:1px solid #eee}
+"""
+
+# Tells a headless browser (and the test) that every embedded plot decoded.
+IMAGES_SCRIPT = """
+<script>
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.every(function (i) { return i.complete && i.naturalWidth > 0; });
+  document.body.dataset.imagesLoaded = ok ? 'true' : 'false';
+  document.body.dataset.imageCount = String(imgs.length);
+});
+</script>
+"""
+
+
+def _html_table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], classes: Sequence[Sequence[str]] | None
+) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = []
+    for r, row in enumerate(rows):
+        cells = []
+        for c, value in enumerate(row):
+            css = classes[r][c] if classes else ""
+            attr = f' class="{css}"' if css else ""
+            cells.append(f"<td{attr}>{html.escape(value)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def to_html(report: Report, n_runs: dict[str, int], figures: dict[str, bytes]) -> str:
+    header, rows = comparison_rows(report)
+    classes = [
+        ["", ""] + ["gap" if value.startswith("—") else "num" for value in row[2:]] for row in rows
+    ]
+    sig_header, sig_rows = significance_rows(report)
+    sig_classes = []
+    for comparison, _row in zip(report.comparisons, sig_rows, strict=True):
+        significant = comparison.p_adjusted is not None and comparison.p_adjusted < 0.05
+        status_class = "" if comparison.status == "ok" else "refused"
+        sig_classes.append([""] * 9 + ["sig num" if significant else "num", status_class])
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        "<title>clintune report</title>",
+        f"<style>{CSS}</style>",
+        IMAGES_SCRIPT,
+        "</head><body>",
+        "<h1>clintune report</h1>",
+        f"<p>{html.escape(summary_line(report, n_runs))}</p>",
+        "<h2>Comparison</h2>",
+        _html_table(header, rows, classes),
+        *(f'<p class="note">{html.escape(n)}</p>' for n in _footnotes(report)),
+    ]
+    partial = _partial_gaps(report)
+    if partial:
+        parts.append('<p class="note">Seeds left out of a mean:</p><ul class="note">')
+        parts += [f"<li>{html.escape(p)}</li>" for p in partial]
+        parts.append("</ul>")
+    parts.append("<h2>Plots</h2>")
+    for task, png in figures.items():
+        data = base64.b64encode(png).decode("ascii")
+        parts.append(
+            f'<figure><img alt="{html.escape(task)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(task)}</figcaption></figure>"
+        )
+    parts += [
+        "<h2>Significance</h2>",
+        _html_table(sig_header, sig_rows, sig_classes),
+        "<h2>Compute</h2>",
+        _html_table(*compute_rows(report), None),
+        '<p class="note">FLOPs and time vs SFT: DPO total (its SFT stage included) over the '
+        "sft runs; DPO stage: the preference stage alone over SFT.</p>",
+    ]
+    if report.warnings:
+        parts.append("<h2>Warnings</h2><ul>")
+        parts += [f"<li>{html.escape(w)}</li>" for w in report.warnings]
+        parts.append("</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(report: Report, out_dir: Path, n_runs: dict[str, int]) -> dict[str, Path]:
+    """Render everything in memory first, then write each file atomically."""
+    figures = {task: task_figure_png(report, task) for task in report.tasks if report.metrics[task]}
+    contents = {
+        "report.md": to_markdown(report, n_runs),
+        "comparison.csv": comparison_csv(report),
+        "significance.csv": significance_csv(report),
+        "compute.csv": compute_csv(report),
+        "report.html": to_html(report, n_runs, figures),
+    }
+    written = {}
+    for name, text in contents.items():
+        write_atomic(out_dir / name, text)
+        written[name] = out_dir / name
+    return written

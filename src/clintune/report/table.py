@@ -1,0 +1,520 @@
+"""The study's numbers from a collection of runs: the comparison table (mean and 95% CI per
+task × metric × model × method), paired significance tests and the compute table."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from clintune.eval.significance import METRIC_TESTS, NotPairedError, compare, holm
+from clintune.report.collect import FINISHED, Collection, RunRecord
+
+METHOD_ORDER = ("base", "sft", "dpo", "dpo_only")
+# control → treatment, as the study reads them: did DPO beat SFT, did SFT beat base, ...
+COMPARISONS = (("sft", "dpo"), ("base", "sft"), ("base", "dpo"))
+# Known when the task class cannot be imported (a W&B-only report on another machine).
+HEADLINE = {
+    "classification": "f1_macro",
+    "triage": "provider_f1_macro",
+    "reasoning": "accuracy",
+    "reasoning_open": "accuracy",
+    "summarization": "rougeL",
+}
+COUNT_METRICS = frozenset(
+    {"n", "unparseable", "truncated_prompts", "likert_graded", "likert_missing", "n_correct"}
+)
+SUFFIXES = ("_ci_low", "_ci_high", "_n")
+CONFIDENCE = 0.95
+
+
+@dataclass
+class Cell:
+    """One model × method column of one task × metric row."""
+
+    task: str
+    metric: str
+    model: str
+    method: str
+    mean: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    ci_kind: str | None = None  # "t" (over seeds) | "bootstrap" (one seed, over examples)
+    seeds: list[int | None] = field(default_factory=list)
+    expected_seeds: list[int | None] = field(default_factory=list)
+    gaps: dict[str, list[int | None]] = field(default_factory=dict)  # reason → seeds
+
+    @property
+    def n_seeds(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def is_gap(self) -> bool:
+        return self.mean is None
+
+    @property
+    def gap_text(self) -> str:
+        return "; ".join(
+            f"{reason} ({', '.join(_seed_name(s) for s in seeds)})"
+            if len(self.expected_seeds) > 1
+            else reason
+            for reason, seeds in self.gaps.items()
+        )
+
+
+@dataclass
+class Comparison:
+    """One paired test, DPO vs SFT say, of one task × metric × model."""
+
+    task: str
+    metric: str
+    model: str
+    control: str
+    treatment: str
+    status: str  # ok | refused | no predictions | not computed | error
+    test: str = ""
+    seeds: list[int | None] = field(default_factory=list)
+    n: int | None = None
+    n_dropped: int | None = None
+    statistic: float | None = None
+    effect: float | None = None
+    p_value: float | None = None
+    p_adjusted: float | None = None
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.treatment} vs {self.control}"
+
+
+@dataclass
+class ComputeRow:
+    task: str
+    model: str
+    method: str
+    seeds: list[int | None]
+    train_seconds: float | None
+    tokens: float | None
+    flops: float | None
+    peak_memory_bytes: float | None
+    sft_reused: int = 0  # seeds whose SFT stage came from the cache
+    flops_vs_sft: float | None = None  # DPO total (incl. its SFT stage) / SFT alone
+    seconds_vs_sft: float | None = None
+    dpo_stage_flops_vs_sft: float | None = None  # DPO stage alone / SFT alone
+    dpo_stage_seconds_vs_sft: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Report:
+    tasks: list[str]
+    models: list[str]
+    methods: list[str]
+    seeds: list[int | None]
+    metrics: dict[str, list[str]]  # task → its table metrics, headline first
+    cells: list[Cell]
+    comparisons: list[Comparison]
+    compute: list[ComputeRow]
+    correction: str
+    n_resamples: int
+    warnings: list[str] = field(default_factory=list)
+
+    def cell(self, task: str, metric: str, model: str, method: str) -> Cell:
+        for cell in self.cells:
+            if (cell.task, cell.metric, cell.model, cell.method) == (task, metric, model, method):
+                return cell
+        raise KeyError((task, metric, model, method))
+
+
+def _seed_name(seed: int | None) -> str:
+    return "s?" if seed is None else f"s{seed}"
+
+
+def _method_key(method: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+def _seed_key(seed: int | None) -> tuple[int, int]:
+    return (1, 0) if seed is None else (0, seed)
+
+
+def _ordered(values: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(values))
+
+
+def _task_class_info(record: RunRecord) -> tuple[str | None, frozenset[str]]:
+    target = record.task_config.get("_target_")
+    if not isinstance(target, str) or "." not in target:
+        return None, frozenset()
+    module_name, _, class_name = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except Exception:  # a task from another checkout: fall back to the known names
+        return None, frozenset()
+    return getattr(cls, "headline_metric", None), frozenset(getattr(cls, "count_metrics", ()))
+
+
+def is_table_metric(name: str, counts: frozenset[str] = frozenset()) -> bool:
+    """A task metric that belongs in the table: not a CI bound, support count, per-class F1
+    or a count of examples."""
+    if name.endswith(SUFFIXES) or "f1_class_" in name:
+        return False
+    return name not in COUNT_METRICS and name not in counts
+
+
+def task_metrics(runs: Sequence[RunRecord], task: str) -> list[str]:
+    """The task's table rows, headline metric first, then the others by name."""
+    task_runs = [r for r in runs if r.task == task]
+    headline, counts = None, frozenset[str]()
+    for record in task_runs:
+        headline, counts = _task_class_info(record)
+        if headline:
+            break
+    headline = headline or HEADLINE.get(task)
+    names = {
+        key.removeprefix("test/")
+        for record in task_runs
+        if record.status == FINISHED
+        for key in record.metrics
+        if key.startswith("test/")
+    }
+    names = {name for name in names if is_table_metric(name, counts)}
+    if not names and headline:
+        # No run finished: the headline row still shows every column's gap and its reason.
+        return [headline]
+    rest = sorted(names - {headline} if headline else names)
+    return ([headline] if headline in names else []) + rest
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
+    """Mean over seeds and its two-sided t-interval (n ≥ 2)."""
+    array = np.asarray(values, dtype=float)
+    mean = float(array.mean())
+    sem = float(array.std(ddof=1) / math.sqrt(len(array)))
+    if sem == 0.0:  # identical seeds (greedy base runs): scipy would give NaN bounds
+        return mean, mean, mean
+    low, high = stats.t.interval(CONFIDENCE, len(array) - 1, loc=mean, scale=sem)
+    return mean, float(low), float(high)
+
+
+def _pick_runs(runs: Sequence[RunRecord], warnings: list[str]) -> dict[tuple, RunRecord]:
+    """One record per task × model × method × seed; a finished run beats a failed rerun."""
+    chosen: dict[tuple, RunRecord] = {}
+    rank = {FINISHED: 2, "failed": 1}
+    for record in runs:
+        key = (*record.key, record.seed)
+        current = chosen.get(key)
+        if current is None:
+            chosen[key] = record
+            continue
+        where = record.path or record.source
+        warnings.append(
+            f"two runs for {record.model}/{record.task}/{record.method} "
+            f"{_seed_name(record.seed)} ({where}, {current.path}); keeping the one that got "
+            "furthest (finished > failed > incomplete)"
+        )
+        if rank.get(record.status, 0) > rank.get(current.status, 0):
+            chosen[key] = record
+    return chosen
+
+
+def _fill_cell(cell: Cell, runs: dict[tuple, RunRecord]) -> None:
+    values: list[float] = []
+    for seed in cell.expected_seeds:
+        record = runs.get((cell.task, cell.model, cell.method, seed))
+        if record is None:
+            reason = "missing"
+        elif record.status != FINISHED:
+            reason = record.reason or record.status
+        elif f"test/{cell.metric}" not in record.metrics:
+            reason = "undefined (no value in metrics)"
+        else:
+            cell.seeds.append(seed)
+            values.append(record.metrics[f"test/{cell.metric}"])
+            continue
+        cell.gaps.setdefault(reason, []).append(seed)
+    if len(values) >= 2:
+        cell.mean, cell.ci_low, cell.ci_high = mean_ci(values)
+        cell.ci_kind = "t"
+    elif len(values) == 1:
+        record = runs[(cell.task, cell.model, cell.method, cell.seeds[0])]
+        cell.mean = values[0]
+        cell.ci_low = record.metrics.get(f"test/{cell.metric}_ci_low")
+        cell.ci_high = record.metrics.get(f"test/{cell.metric}_ci_high")
+        cell.ci_kind = "bootstrap" if cell.ci_low is not None else None
+
+
+def _labels_for(records: Sequence[RunRecord]) -> Callable[[str], Sequence[str] | None]:
+    """The task's own label set for macro-F1 (a label no run ever predicted still counts)."""
+
+    def labels(metric: str) -> Sequence[str] | None:
+        part = metric.removesuffix("f1_macro").removesuffix("_")
+        key = f"{part}_labels" if part else "labels"
+        for record in records:
+            value = record.task_config.get(key)
+            if isinstance(value, list) and value:
+                return [str(v) for v in value]
+        return None
+
+    return labels
+
+
+class _Predictions:
+    """Each run's predictions.jsonl read once, however many comparisons use it."""
+
+    def __init__(self) -> None:
+        self._rows: dict[int, list[dict[str, Any]] | None] = {}
+
+    def __call__(self, record: RunRecord) -> list[dict[str, Any]] | None:
+        if id(record) not in self._rows:
+            self._rows[id(record)] = record.load_predictions()
+        return self._rows[id(record)]
+
+
+def _pooled(record: RunRecord, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # Seed-prefixed ids keep the seeds' copies of one example apart, so align() pairs seed s of
+    # one method only with seed s of the other.
+    return [{**row, "id": f"{_seed_name(record.seed)}:{row.get('id')}"} for row in rows]
+
+
+def _compare(
+    task: str,
+    metric: str,
+    model: str,
+    control: str,
+    treatment: str,
+    runs: dict[tuple, RunRecord],
+    seeds: Sequence[int | None],
+    predictions: _Predictions,
+    n_resamples: int,
+) -> Comparison:
+    result = Comparison(task, metric, model, control, treatment, status="not computed")
+    spec = METRIC_TESTS.get(metric)
+    if spec is None:
+        result.note = f"no paired test defined for {metric}"
+        return result
+    result.test = spec.test
+    pairs, dropped = [], []
+    for seed in seeds:
+        a = runs.get((task, model, control, seed))
+        b = runs.get((task, model, treatment, seed))
+        if a is None and b is None:
+            continue
+        if a is not None and b is not None and a.status == FINISHED == b.status:
+            pairs.append((a, b))
+        else:
+            dropped.append(seed)
+    if dropped:
+        result.note = f"seeds without a finished pair: {', '.join(map(_seed_name, dropped))}"
+    if not pairs:
+        result.note = result.note or "no seed-matched finished runs"
+        return result
+    result.seeds = [a.seed for a, _ in pairs]
+    a_rows: list[dict[str, Any]] = []
+    b_rows: list[dict[str, Any]] = []
+    for a, b in pairs:
+        a_pred, b_pred = predictions(a), predictions(b)
+        if a_pred is None or b_pred is None:
+            result.status = "no predictions"
+            where = "W&B run" if (a if a_pred is None else b).source == "wandb" else "run"
+            result.note = f"{where} has no predictions.jsonl ({_seed_name(a.seed)})"
+            return result
+        a_rows += _pooled(a, a_pred)
+        b_rows += _pooled(b, b_pred)
+    try:
+        outcome = compare(
+            metric,
+            a_rows,
+            b_rows,
+            labels_for=_labels_for([a for a, _ in pairs]),
+            n_resamples=n_resamples,
+            seed=0,
+        )
+    except NotPairedError as error:
+        result.status, result.note = "refused", str(error)
+        return result
+    except (ValueError, KeyError) as error:
+        result.status, result.note = "error", f"{type(error).__name__}: {error}"
+        return result
+    result.status = "ok"
+    # compare() says how it ran (exact or resampled); METRIC_TESTS says what it tests.
+    detail = re.search(r"\(([^)]*)\)$", outcome.test)
+    if outcome.test != spec.test and detail:
+        result.test = f"{spec.test} ({detail.group(1)})"
+    result.n, result.n_dropped = outcome.n, outcome.n_dropped
+    result.statistic, result.effect = outcome.statistic, outcome.effect
+    result.p_value = outcome.p_value
+    return result
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def _compute_rows(
+    tasks: list[str], models: list[str], methods: list[str], runs: dict[tuple, RunRecord]
+) -> list[ComputeRow]:
+    rows: list[ComputeRow] = []
+    for task in tasks:
+        for model in models:
+            by_method: dict[str, ComputeRow] = {}
+            finished: dict[str, list[RunRecord]] = {}
+            for method in methods:
+                done = [
+                    r
+                    for (t, m, meth, _), r in runs.items()
+                    if (t, m, meth) == (task, model, method) and r.status == FINISHED
+                ]
+                done.sort(key=lambda r: _seed_key(r.seed))
+                finished[method] = done
+
+                def figure(name: str, records: list[RunRecord] = done) -> float | None:
+                    return _mean([r.metrics.get(f"compute/{name}") for r in records])
+
+                row = ComputeRow(
+                    task,
+                    model,
+                    method,
+                    seeds=[r.seed for r in done],
+                    train_seconds=figure("train_seconds"),
+                    tokens=figure("tokens"),
+                    flops=figure("flops_estimate"),
+                    peak_memory_bytes=figure("peak_memory_bytes"),
+                    sft_reused=sum(r.metrics.get("compute/sft/reused") == 1.0 for r in done),
+                )
+                if not done:
+                    row.note = "no finished runs"
+                elif row.sft_reused:
+                    row.note = (
+                        f"SFT stage reused in {row.sft_reused} of {len(done)} seeds "
+                        "(cost paid once, counted in every run that uses it)"
+                    )
+                by_method[method] = row
+                rows.append(row)
+            for method in ("dpo", "dpo_only"):
+                if method not in by_method or not finished[method]:
+                    continue
+                row, dpo_runs = by_method[method], finished[method]
+                sft = by_method.get("sft")
+                sft_flops = sft.flops if sft else None
+                sft_seconds = sft.train_seconds if sft else None
+                source = "the sft runs"
+                if sft_flops is None:
+                    # No sft runs in the report: the DPO runs' own SFT stage is the same job.
+                    sft_flops = _mean(
+                        [r.metrics.get("compute/sft/flops_estimate") for r in dpo_runs]
+                    )
+                    sft_seconds = _mean(
+                        [r.metrics.get("compute/sft/train_seconds") for r in dpo_runs]
+                    )
+                    source = "the DPO runs' own SFT stage"
+                stage_flops = _mean([r.metrics.get("compute/dpo/flops_estimate") for r in dpo_runs])
+                stage_seconds = _mean(
+                    [r.metrics.get("compute/dpo/train_seconds") for r in dpo_runs]
+                )
+                row.flops_vs_sft = _ratio(row.flops, sft_flops)
+                row.seconds_vs_sft = _ratio(row.train_seconds, sft_seconds)
+                row.dpo_stage_flops_vs_sft = _ratio(stage_flops, sft_flops)
+                row.dpo_stage_seconds_vs_sft = _ratio(stage_seconds, sft_seconds)
+                if sft_flops is not None:
+                    row.note = "; ".join(filter(None, [row.note, f"SFT baseline: {source}"]))
+    return rows
+
+
+def build_report(
+    collection: Collection,
+    *,
+    methods: Sequence[str] | None = None,
+    correction: str = "holm",
+    n_resamples: int = 10000,
+    progress: bool = False,
+) -> Report:
+    """Every number of the report, from the collected runs."""
+    if correction not in ("holm", "none"):
+        raise ValueError(f"correction must be holm or none, got {correction!r}")
+    warnings = list(collection.warnings)
+    records = [r for r in collection.runs if methods is None or r.method in methods]
+    declared = collection.declared
+    tasks = sorted(_ordered([*declared.get("task", []), *(r.task for r in records)]))
+    models = _ordered([*declared.get("model", []), *sorted({r.model for r in records})])
+    found = [*declared.get("method", []), *(r.method for r in records)]
+    all_methods = sorted(set(found) if methods is None else set(methods), key=_method_key)
+    seeds: list[int | None] = sorted(
+        {*(int(s) for s in declared.get("seed", []) if s.lstrip("-").isdigit())}
+        | {r.seed for r in records},
+        key=_seed_key,
+    )
+    runs = _pick_runs(records, warnings)
+
+    metrics = {task: task_metrics(records, task) for task in tasks}
+    cells: list[Cell] = []
+    for task in tasks:
+        if not metrics[task]:
+            warnings.append(f"task {task}: no finished run, so no metric rows")
+        for metric in metrics[task]:
+            for model in models:
+                for method in all_methods:
+                    cell = Cell(task, metric, model, method, expected_seeds=list(seeds))
+                    _fill_cell(cell, runs)
+                    cells.append(cell)
+
+    predictions = _Predictions()
+    comparisons: list[Comparison] = []
+    for task in tasks:
+        for metric in metrics[task]:
+            if metric not in METRIC_TESTS:
+                continue
+            for model in models:
+                for control, treatment in COMPARISONS:
+                    if control not in all_methods or treatment not in all_methods:
+                        continue
+                    if progress:
+                        print(
+                            f"testing {task}/{metric}/{model}: {treatment} vs {control}",
+                            file=sys.stderr,
+                        )
+                    comparisons.append(
+                        _compare(
+                            task,
+                            metric,
+                            model,
+                            control,
+                            treatment,
+                            runs,
+                            seeds,
+                            predictions,
+                            n_resamples,
+                        )
+                    )
+    computed = [c for c in comparisons if c.status == "ok" and c.p_value is not None]
+    adjusted = holm([c.p_value for c in computed]) if correction == "holm" else None
+    for position, comparison in enumerate(computed):
+        comparison.p_adjusted = adjusted[position] if adjusted is not None else comparison.p_value
+
+    return Report(
+        tasks=tasks,
+        models=models,
+        methods=all_methods,
+        seeds=seeds,
+        metrics=metrics,
+        cells=cells,
+        comparisons=comparisons,
+        compute=_compute_rows(tasks, models, all_methods, runs),
+        correction=correction,
+        n_resamples=n_resamples,
+        warnings=warnings,
+    )
