@@ -72,3 +72,21 @@ def test_missing_and_empty_files(tmp_path: Path) -> None:
         load_jsonl(tmp_path / "nope.jsonl", SCHEMA)
     with pytest.raises(DataValidationError, match="holds no examples"):
         load_jsonl(_write(tmp_path / "empty.jsonl", [""]), SCHEMA)
+
+
+def test_a_rejected_field_is_validated_in_local_files(tmp_path: Path) -> None:
+    from conftest import compose_train
+    from hydra.utils import instantiate
+
+    path = _write(
+        tmp_path / "t.jsonl",
+        [
+            json.dumps({"id": "1", "text": "a", "label": "yes", "rejected": "no"}),
+            json.dumps({"id": "2", "text": "b", "label": "no", "rejected": 3}),
+        ],
+    )
+    task = instantiate(
+        compose_train([f"task.data.test={path}"], tmp_path).task, _convert_="partial"
+    )
+    with pytest.raises(DataValidationError, match=rf"{path}:2: field 'rejected': expected string"):
+        task.load_split("test")

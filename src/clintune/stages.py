@@ -213,7 +213,8 @@ def sft_stage_key(
             "task": task_payload,
             "train": _records_digest(splits["train"]),
             "val": _records_digest(splits["val"]),
-            "stage": _container(stage_cfg),
+            # Only what the stage trains with: a sweep may graft unrelated keys onto it.
+            "stage": {k: _container(stage_cfg.get(k)) for k in ("module", "train", "save")},
             "trainer": _container(cfg.trainer),
             "seed": int(cfg.seed),
         }

@@ -65,7 +65,10 @@ def build_pairs(
     candidates: dict[str, list[tuple[str, str]]] = {e["id"]: [] for e in examples}
 
     wants_on_policy = source == "on_policy" or (
-        source == "auto" and sampler is not None and not task.wrong_answers(examples[0])
+        source == "auto"
+        and sampler is not None
+        and bool(examples)
+        and not task.wrong_answers(examples[0])
     )
     needs_sampling = [
         e for e in examples if wants_on_policy and not (source == "auto" and e.get("rejected"))

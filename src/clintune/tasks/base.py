@@ -133,7 +133,7 @@ class Task(ABC):
             )
         return load_records(
             self.split_path(split),
-            self.schema(),
+            schema,
             field_map,
             value_map,
             self.check_record,  # type: ignore[arg-type]
