@@ -11,15 +11,20 @@ from pathlib import Path
 from typing import Any
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write beside, then rename: a crash leaves the old file or none, never half of one."""
+    _atomic_write_text(Path(path), data)
+
+
+def _atomic_write_text(path: Path, text: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide results from the team
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(text.encode("utf-8") if isinstance(text, str) else text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)

@@ -142,13 +142,17 @@ def run(
     splits = {split: task.load_split(split) for split in (("train", "val") if trains else ())}
     splits["test"] = task.load_split("test")
     leaked = check_leakage(task, splits) if trains else []
+    for split in ("train", "val"):
+        # An explicit, recorded cut for quick runs (data/train_examples says what was used).
+        limit = (cfg.get("subsample") or {}).get(split)
+        if limit and split in splits:
+            splits[split] = splits[split][: int(limit)]
     wandb_run = start_wandb(cfg, run_dir, job_type="train" if trains else "evaluate")
     failed = True
     try:
         metrics: dict[str, float] = {}
         if trains:
             metrics["data/leaked_test_examples"] = float(len(leaked))
-        if trains:
             metrics.update(_train(cfg, task, splits, run_dir, wandb_run))
             gc.collect()
             checkpoint = run_dir / WEIGHTS_DIR

@@ -28,6 +28,21 @@ def stop_token_ids(tokenizer: Any, model: Any) -> list[int]:
     return sorted(ids)
 
 
+def left_pad(
+    prompts: Sequence[list[int]], rows: list[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input ids and attention mask for ``rows`` of ``prompts``, padded on the left so that
+    every row's next token is generated at the same position."""
+    length = max(len(prompts[i]) for i in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for row, index in enumerate(rows):
+        ids = prompts[index]
+        input_ids[row, length - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, length - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
 @torch.inference_mode()
 def generate_greedy(
     model: Any,
@@ -48,13 +63,8 @@ def generate_greedy(
     outputs: list[str] = [""] * len(prompts)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="evaluating", unit="batch", disable=not show_progress):
-        length = max(len(prompts[i]) for i in batch)
-        input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
-        for row, index in enumerate(batch):
-            ids = prompts[index]
-            input_ids[row, length - len(ids) :] = torch.tensor(ids)
-            attention_mask[row, length - len(ids) :] = 1
+        input_ids, attention_mask = left_pad(prompts, batch, pad_id)
+        length = input_ids.size(1)
         generated = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
@@ -101,13 +111,8 @@ def generate_sampled(
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     try:
         for batch in tqdm(batches, desc="sampling", unit="batch", disable=not show_progress):
-            length = max(len(prompts[i]) for i in batch)
-            input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
-            for row, index in enumerate(batch):
-                ids = prompts[index]
-                input_ids[row, length - len(ids) :] = torch.tensor(ids)
-                attention_mask[row, length - len(ids) :] = 1
+            input_ids, attention_mask = left_pad(prompts, batch, pad_id)
+            length = input_ids.size(1)
             generated = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),

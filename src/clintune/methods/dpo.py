@@ -8,13 +8,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import lightning as L
 import torch
 
 from clintune.methods.losses import DPO_LOSS_TYPES, completion_logps, dpo_loss
-from clintune.methods.optim import adamw_warmup_cosine
+from clintune.methods.optim import WarmupCosineAdamW
 from clintune.tokenization import IGNORE_INDEX
 
 REFERENCE_MODES = ("precompute", "adapter_disabled", "copy")
@@ -115,7 +114,7 @@ def adapter_disabled(model: torch.nn.Module) -> Iterator[None]:
         yield
 
 
-class DPOModule(L.LightningModule):
+class DPOModule(WarmupCosineAdamW, L.LightningModule):
     """Batches hold chosen rows then rejected rows (``tokenization.collate_pairs``) and, for
     ``reference=precompute``, ``ref_chosen_logps``/``ref_rejected_logps``."""
 
@@ -251,16 +250,6 @@ class DPOModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self.pair_losses(batch)
         self._log_pairs("eval", out, out["losses"].mean())
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        return adamw_warmup_cosine(
-            self.model,
-            learning_rate=self.learning_rate,
-            weight_decay=self.weight_decay,
-            warmup_ratio=self.warmup_ratio,
-            betas=self.betas,
-            total_steps=int(self.trainer.estimated_stepping_batches),
-        )
 
 
 @torch.no_grad()

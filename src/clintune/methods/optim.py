@@ -39,3 +39,25 @@ def adamw_warmup_cosine(
         "optimizer": optimizer,
         "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
     }
+
+
+class WarmupCosineAdamW:
+    """LightningModule mixin: ``configure_optimizers`` from the module's ``model``,
+    ``learning_rate``, ``weight_decay``, ``warmup_ratio`` and ``betas``."""
+
+    model: torch.nn.Module
+    learning_rate: float
+    weight_decay: float
+    warmup_ratio: float
+    betas: tuple[float, float]
+    trainer: Any
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return adamw_warmup_cosine(
+            self.model,
+            learning_rate=self.learning_rate,
+            weight_decay=self.weight_decay,
+            warmup_ratio=self.warmup_ratio,
+            betas=self.betas,
+            total_steps=int(self.trainer.estimated_stepping_batches),
+        )

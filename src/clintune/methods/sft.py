@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning as L
 import torch
 
 from clintune.methods.losses import sft_loss
-from clintune.methods.optim import adamw_warmup_cosine
+from clintune.methods.optim import WarmupCosineAdamW
 
 
-class SFTModule(L.LightningModule):
+class SFTModule(WarmupCosineAdamW, L.LightningModule):
     """Wraps a Hugging Face causal LM (full or LoRA); optimisation settings come from config,
     precision, clipping and accumulation from the Trainer."""
 
@@ -59,14 +57,4 @@ class SFTModule(L.LightningModule):
         loss = self._loss(batch)
         self.log(
             "eval/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].size(0)
-        )
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        return adamw_warmup_cosine(
-            self.model,
-            learning_rate=self.learning_rate,
-            weight_decay=self.weight_decay,
-            warmup_ratio=self.warmup_ratio,
-            betas=self.betas,
-            total_steps=int(self.trainer.estimated_stepping_batches),
         )

@@ -6,12 +6,11 @@ import base64
 import csv
 import html
 import io
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from clintune.io import write_atomic
 from clintune.report.table import Cell, ComputeRow, Report
 
 CI_NOTE = {
@@ -20,24 +19,6 @@ CI_NOTE = {
 }
 CI_MARK = {"t": "†", "bootstrap": "‡"}
 METHOD_COLORS = {"base": "#9e9e9e", "sft": "#1f77b4", "dpo": "#d62728", "dpo_only": "#ff7f0e"}
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write beside, then rename: a crash leaves the old file or none, never half a report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide the report from the team
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- formatting
