@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -14,9 +15,14 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    from clintune.errors import UserError
     from clintune.pipeline import evaluate_checkpoint
 
-    evaluate_checkpoint(cfg, Path(HydraConfig.get().runtime.output_dir))
+    try:
+        evaluate_checkpoint(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except UserError as error:  # the user's to fix: a message, not a stack trace
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

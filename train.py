@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -16,16 +17,21 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 def main(cfg: DictConfig) -> None:
     from hydra.types import RunMode
 
+    from clintune.errors import UserError
     from clintune.jobs import run_job
     from clintune.pipeline import run
 
     hydra_cfg = HydraConfig.get()
-    run_job(
-        cfg,
-        Path(hydra_cfg.runtime.output_dir),
-        multirun=hydra_cfg.mode == RunMode.MULTIRUN,
-        job=run,
-    )
+    try:
+        run_job(
+            cfg,
+            Path(hydra_cfg.runtime.output_dir),
+            multirun=hydra_cfg.mode == RunMode.MULTIRUN,
+            job=run,
+        )
+    except UserError as error:  # the user's to fix: a message, not a stack trace
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -67,3 +67,14 @@ def test_misspelt_key_fails_with_hydras_message(run_env) -> None:
     result = run_script("train.py", ["method.trian.epochs=3"], run_env, check=False)
     assert result.returncode != 0
     assert "Could not override 'method.trian.epochs'" in result.stderr
+
+
+def test_gpu_trainer_without_a_gpu_is_one_clear_message(run_env) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = run_script("train.py", ["trainer=gpu", "logger=none"], run_env, check=False)
+    assert result.returncode == 1
+    assert "error: trainer.accelerator=gpu asks for a GPU, but PyTorch sees none" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from clintune.compute import peak_memory_bytes
+from clintune.errors import UserError, require_accelerator
 from clintune.eval.runner import EvalResult, evaluate_task
 from clintune.io import write_json_atomic, write_jsonl_atomic
 from clintune.models.loading import load_model, read_checkpoint_manifest
@@ -107,7 +108,7 @@ def _evaluate(
     return result, {"compute/eval_seconds": seconds}
 
 
-class LeakageError(ValueError):
+class LeakageError(UserError, ValueError):
     """Test examples also seen in training: the study's comparison would be invalid."""
 
 
@@ -136,6 +137,7 @@ def run(
 ) -> dict[str, float]:
     """Train (unless the method is ``base`` or ``train`` is off), evaluate on the test split,
     write the run directory's files and the W&B run. Returns what metrics.json holds."""
+    require_accelerator(str(cfg.trainer.get("accelerator", "cpu")))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     task: Task = instantiate(cfg.task, _convert_="partial")
     trains = train and cfg.method.get("kind", "none") != "none"

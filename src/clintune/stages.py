@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from clintune.compute import forward_flops, training_flops
+from clintune.errors import UserError, out_of_memory_message
 from clintune.eval.generation import generate_sampled
 from clintune.io import write_json_atomic
 from clintune.methods.dpo import precompute_reference_logps
@@ -151,7 +152,11 @@ def _fit(
         num_sanity_val_steps=0,
     )
     started = time.perf_counter()
-    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
+    try:
+        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
+    except torch.cuda.OutOfMemoryError as error:
+        stage = stage_prefix or stage_cfg.get("name", "training")
+        raise UserError(out_of_memory_message(stage, int(stage_cfg.train.batch_size))) from error
     return trainer, time.perf_counter() - started
 
 

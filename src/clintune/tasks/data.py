@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clintune.errors import UserError
+
 RecordCheck = Callable[[dict[str, Any]], list[str]]
 
 _TYPE_NAMES = {str: "string", int: "integer", float: "number", list: "list", dict: "object"}
@@ -44,7 +46,7 @@ class FieldSpec:
         return None
 
 
-class DataValidationError(ValueError):
+class DataValidationError(UserError, ValueError):
     """All the problems found in one data file."""
 
     def __init__(self, path: Path, problems: list[str]) -> None:

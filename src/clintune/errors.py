@@ -1,0 +1,31 @@
+"""Errors that are the user's to fix (config, data, hardware): the entry points print them as
+one clear message instead of a stack trace."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Something about the user's config, data or machine, explained in its message."""
+
+
+def require_accelerator(accelerator: str) -> None:
+    """Fail early and plainly when the config asks for a GPU that is not there."""
+    import torch
+
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        built_with = torch.version.cuda or "no CUDA (a CPU-only build)"
+        raise UserError(
+            f"trainer.accelerator={accelerator} asks for a GPU, but PyTorch sees none "
+            f"(torch {torch.__version__}, built with {built_with}). Use trainer=cpu, or check "
+            "the driver, CUDA_VISIBLE_DEVICES and that a CUDA build of torch is installed."
+        )
+
+
+def out_of_memory_message(stage: str, batch_size: int) -> str:
+    return (
+        f"CUDA ran out of memory during the {stage} stage (batch size {batch_size}). Try, "
+        "alone or together: model.lora.enabled=true (train an adapter, not all weights); a "
+        f"smaller method.train.batch_size with method.train.accumulate_grad_batches to keep "
+        "the global batch; trainer.precision=bf16-true; a shorter model.max_length; or more "
+        "GPUs."
+    )
