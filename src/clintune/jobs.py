@@ -85,12 +85,22 @@ class SweepSummary(Callback):
     """At the end of a multirun: how many jobs finished, were skipped or failed (and why),
     written to ``<sweep dir>/sweep_summary.json`` and printed."""
 
+    def __init__(self) -> None:
+        self._started = time.time()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._started = time.time()
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         summary: dict[str, Any] = {"finished": [], "failed": {}, "unfinished": []}
+        starts: list[float] = []
         for job_file in sorted(sweep_dir.glob(f"*/{JOB_FILE}")):
             run_dir = job_file.parent
-            status = json.loads(job_file.read_text()).get("status")
+            job = json.loads(job_file.read_text())
+            status = job.get("status")
+            if job.get("started", 0) >= self._started:
+                starts.append(job["started"])
             if status == "finished":
                 summary["finished"].append(run_dir.name)
             elif status == "failed" and (run_dir / FAILURE_FILE).is_file():
@@ -100,10 +110,13 @@ class SweepSummary(Callback):
                 summary["unfinished"].append(run_dir.name)
         if not sweep_dir.is_dir():
             return
+        summary["wall_seconds"] = time.time() - self._started
+        summary["jobs_run"] = len(starts)
         write_json_atomic(sweep_dir / "sweep_summary.json", summary)
         print(
             f"\nSweep {sweep_dir}: {len(summary['finished'])} finished, "
-            f"{len(summary['failed'])} failed, {len(summary['unfinished'])} unfinished"
+            f"{len(summary['failed'])} failed, {len(summary['unfinished'])} unfinished; "
+            f"{len(starts)} job(s) run in {summary['wall_seconds'] / 60:.1f} min"
         )
         for name, reason in summary["failed"].items():
             print(f"  FAILED {name}: {reason}")
