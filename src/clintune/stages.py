@@ -27,7 +27,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from clintune.compute import forward_flops, training_flops
+from clintune.compute import forward_flops, peak_memory_bytes, training_flops
 from clintune.errors import UserError, out_of_memory_message
 from clintune.eval.generation import generate_sampled
 from clintune.io import write_json_atomic
@@ -38,6 +38,7 @@ from clintune.models.loading import (
     count_parameters,
     load_for_training,
     save_trained,
+    uses_gradient_checkpointing,
 )
 from clintune.tasks.base import Task
 from clintune.tokenization import (
@@ -180,14 +181,8 @@ def _compute_metrics(
         f"compute/{stage}/optimizer_steps": float(steps),
         f"compute/{stage}/parameters": float(total),
         f"compute/{stage}/trainable_parameters": float(trainable),
-        f"compute/{stage}/peak_memory_bytes": float(_stage_peak_memory()),
+        f"compute/{stage}/peak_memory_bytes": float(peak_memory_bytes()),
     }
-
-
-def _stage_peak_memory() -> int:
-    from clintune.compute import peak_memory_bytes
-
-    return peak_memory_bytes()
 
 
 def _encode_split(
@@ -198,10 +193,6 @@ def _encode_split(
         for e in examples
     ]
     return encoded, sum(e.truncated for e in encoded)
-
-
-def _records_digest(records: list[dict[str, Any]]) -> str:
-    return fingerprint(records)
 
 
 # ----------------------------------------------------------------------------- SFT stage
@@ -216,8 +207,8 @@ def sft_stage_key(
         {
             "model": _container(cfg.model),
             "task": task_payload,
-            "train": _records_digest(splits["train"]),
-            "val": _records_digest(splits["val"]),
+            "train": fingerprint(splits["train"]),
+            "val": fingerprint(splits["val"]),
             # Only what the stage trains with: a sweep may graft unrelated keys onto it.
             "stage": {k: _container(stage_cfg.get(k)) for k in ("module", "train", "save")},
             "trainer": _container(cfg.trainer),
@@ -408,7 +399,10 @@ def run_dpo_stage(
     max_length = int(cfg.model.max_length)
     pad_id = tokenizer.pad_token_id
     pair_cfg = method.pairs
-    share_prompt = bool(method.get("share_prompt", True))
+    # Checkpointed layers keep no KV cache, which the shared-prompt pass needs.
+    share_prompt = bool(method.get("share_prompt", True)) and not uses_gradient_checkpointing(
+        policy
+    )
     needs_sampler = pair_cfg.source in ("on_policy", "auto")
     sampler = _sampler(policy, tokenizer, task, cfg) if needs_sampler else None
     pair_counts: dict[str, float] = {}
@@ -425,7 +419,7 @@ def run_dpo_stage(
             max_pairs_per_example=int(pair_cfg.max_pairs_per_example),
         )
         if not pairs:
-            raise ValueError(
+            raise UserError(
                 f"no preference pairs for the {split} split of task '{task.name}' from source "
                 f"'{pair_cfg.source}' ({counts}); give a 'rejected' field or use on_policy"
             )
@@ -434,11 +428,12 @@ def run_dpo_stage(
         truncated += cut
     reference_model = None
     if method.reference == "copy":
-        reference_model = copy.deepcopy(
-            policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-        )
         if hasattr(policy, "peft_config"):
-            raise ValueError("method.reference=copy with LoRA: use adapter_disabled instead")
+            raise UserError(
+                "method.reference=copy with model.lora.enabled=true would copy the whole model "
+                "for nothing: use method.reference=adapter_disabled (or precompute)"
+            )
+        reference_model = copy.deepcopy(policy)
     reference_tokens = 0
     items: dict[str, list[Any]] = {}
     cache_hits = 0
@@ -497,6 +492,7 @@ def run_dpo_stage(
     )
     metrics.update(pair_counts)
     metrics["compute/dpo/reference_cache_hits"] = float(cache_hits)
+    metrics["compute/dpo/shared_prompt"] = float(share_prompt)
     metrics["data/pairs_truncated"] = float(truncated)
     metrics["train/dpo/best_eval_loss"] = (
         float(saver.best) if saver.best is not None else float("nan")

@@ -170,7 +170,9 @@ def load_for_training(
     source = resolve_source(model_cfg, cache_dir)
     lineage: dict[str, Any] = {"base_model": source}
     if init is None:
-        return load_model(model_cfg, cache_dir, trainable_lora=True), lineage
+        loaded = load_model(model_cfg, cache_dir, trainable_lora=True)
+        enable_memory_savers(loaded.model, model_cfg)
+        return loaded, lineage
     init = Path(init)
     manifest = read_checkpoint_manifest(init)
     loaded = load_model(model_cfg, cache_dir, checkpoint=init)
@@ -191,7 +193,21 @@ def load_for_training(
         model = get_peft_model(model, _lora_config(model_cfg.lora))
         is_lora = True
     model.train()
+    enable_memory_savers(model, model_cfg)
     return LoadedModel(model, loaded.tokenizer, source, is_lora), lineage
+
+
+def enable_memory_savers(model: Any, model_cfg: DictConfig) -> None:
+    """Gradient checkpointing when ``model.gradient_checkpointing`` is set: non-reentrant, so
+    that it composes with LoRA (frozen inputs) and with DDP."""
+    if model_cfg.get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+
+
+def uses_gradient_checkpointing(model: Any) -> bool:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(inner, "is_gradient_checkpointing", False))
 
 
 def save_trained(
