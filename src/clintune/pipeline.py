@@ -184,10 +184,6 @@ def run(
             torch.cuda.empty_cache()
 
 
-def config_summary(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
-
-
 def _config_of_run(run_dir: Path, current: DictConfig) -> DictConfig:
     """A finished run's own config, with this machine's paths, logger and hardware."""
     saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
