@@ -43,7 +43,57 @@ def left_pad(
     return input_ids, attention_mask
 
 
+def _decode_until_stop(tokenizer: Any, tokens: list[int], stops: list[int]) -> str:
+    cut = next((k for k, token in enumerate(tokens) if token in stops), len(tokens))
+    return tokenizer.decode(tokens[:cut], skip_special_tokens=True).strip()
+
+
 @torch.inference_mode()
+def _generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[list[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    show_progress: bool,
+    description: str,
+    samples: int = 1,
+    **decoding: Any,
+) -> list[list[str]]:
+    """``samples`` completions per prompt, in the input order; prompts are sorted by length
+    so that batches hold similar lengths (less padding)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    stops = stop_token_ids(tokenizer, model)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    outputs: list[list[str]] = [[] for _ in prompts]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    try:
+        for batch in tqdm(batches, desc=description, unit="batch", disable=not show_progress):
+            input_ids, attention_mask = left_pad(prompts, batch, pad_id)
+            generated = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=samples,
+                use_cache=True,
+                eos_token_id=stops,
+                pad_token_id=pad_id,
+                **decoding,
+            )
+            new_tokens = generated[:, input_ids.size(1) :].tolist()
+            for row, index in enumerate(batch):
+                for k in range(samples):
+                    tokens = new_tokens[row * samples + k]
+                    outputs[index].append(_decode_until_stop(tokenizer, tokens, stops))
+    finally:
+        model.train(was_training)
+    return outputs
+
+
 def generate_greedy(
     model: Any,
     tokenizer: Any,
@@ -54,37 +104,20 @@ def generate_greedy(
     show_progress: bool = True,
 ) -> list[str]:
     """Greedy completions of token-id prompts, returned in the input order."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id
-    stops = stop_token_ids(tokenizer, model)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
-    outputs: list[str] = [""] * len(prompts)
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc="evaluating", unit="batch", disable=not show_progress):
-        input_ids, attention_mask = left_pad(prompts, batch, pad_id)
-        length = input_ids.size(1)
-        generated = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            use_cache=True,
-            eos_token_id=stops,
-            pad_token_id=pad_id,
-        )
-        new_tokens = generated[:, length:].tolist()
-        for row, index in enumerate(batch):
-            tokens = new_tokens[row]
-            cut = next((k for k, token in enumerate(tokens) if token in stops), len(tokens))
-            outputs[index] = tokenizer.decode(tokens[:cut], skip_special_tokens=True).strip()
-    model.train(was_training)
-    return outputs
+    outputs = _generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        show_progress=show_progress,
+        description="evaluating",
+        do_sample=False,
+        num_beams=1,
+    )
+    return [texts[0] for texts in outputs]
 
 
-@torch.inference_mode()
 def generate_sampled(
     model: Any,
     tokenizer: Any,
@@ -99,41 +132,22 @@ def generate_sampled(
 ) -> list[list[str]]:
     """``samples`` sampled completions per prompt (for on-policy preference pairs), seeded so
     that the same model and prompts give the same samples."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id
-    stops = stop_token_ids(tokenizer, model)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    outputs: list[list[str]] = [[] for _ in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     try:
-        for batch in tqdm(batches, desc="sampling", unit="batch", disable=not show_progress):
-            input_ids, attention_mask = left_pad(prompts, batch, pad_id)
-            length = input_ids.size(1)
-            generated = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=True,
-                temperature=temperature,
-                top_k=0,
-                top_p=1.0,
-                num_return_sequences=samples,
-                use_cache=True,
-                eos_token_id=stops,
-                pad_token_id=pad_id,
-            )
-            new_tokens = generated[:, length:].tolist()
-            for row, index in enumerate(batch):
-                for k in range(samples):
-                    tokens = new_tokens[row * samples + k]
-                    cut = next((j for j, t in enumerate(tokens) if t in stops), len(tokens))
-                    text = tokenizer.decode(tokens[:cut], skip_special_tokens=True).strip()
-                    outputs[index].append(text)
+        return _generate(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            show_progress=show_progress,
+            description="sampling",
+            samples=samples,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+        )
     finally:
         torch.random.set_rng_state(generator_state)
-        model.train(was_training)
-    return outputs
