@@ -140,18 +140,9 @@ def _timing(timer: Any, warmup: int) -> dict[str, float]:
 # ----------------------------------------------------------------------------- clintune worker
 
 
-def _share_prompt(args: argparse.Namespace, cfg: Any) -> bool | None:
-    """Whether our DPO runs each prompt once for both answers: None where this version of
-    the project has no such option, else ``--share-prompt`` or ``method.share_prompt``."""
-    import inspect
-
-    from clintune import stages
-
-    params = inspect.signature(stages._collate_with_reference).parameters
-    if "share_prompt" not in params or not hasattr(stages, "_pair_collate"):
-        if args.share_prompt == "true":
-            raise SystemExit("--share-prompt=true: this version of clintune has no such option")
-        return None
+def _share_prompt(args: argparse.Namespace, cfg: Any) -> bool:
+    """Whether our DPO runs each prompt once for both answers: ``--share-prompt``, or
+    ``method.share_prompt`` from the config."""
     if args.share_prompt == "config":
         return bool(cfg.method.get("share_prompt", True))
     return args.share_prompt == "true"
@@ -169,7 +160,7 @@ def _run_ours(args: argparse.Namespace, method: str, result: dict[str, Any]) -> 
     from clintune import stages
     from clintune.methods.dpo import DPOModule, precompute_reference_logps
     from clintune.methods.sft import SFTModule
-    from clintune.tokenization import collate_pairs, collate_sft
+    from clintune.tokenization import collate_sft
 
     class StepTimer(Callback):
         def __init__(self) -> None:
@@ -220,10 +211,9 @@ def _run_ours(args: argparse.Namespace, method: str, result: dict[str, Any]) -> 
     else:
         dpo_cfg = cfg.method.module
         reference = "precompute" if method == "dpo-precompute" else "copy"
-        # The layout stage code uses: concatenated rows, or (where the project has it) one
-        # prompt pass shared by both completions.
-        pair_collate = stages._pair_collate(shared) if shared is not None else collate_pairs
-        collate_kwargs = {"share_prompt": shared} if shared is not None else {}
+        # The layout the stage code uses: concatenated rows, or one prompt pass shared by both
+        # completions.
+        pair_collate = stages.pair_collate(bool(shared))
         reference_model = None
         if reference == "precompute":
             started = time.perf_counter()
@@ -254,7 +244,7 @@ def _run_ours(args: argparse.Namespace, method: str, result: dict[str, Any]) -> 
             batch_size=args.batch_size,
             shuffle=False,
             collate_fn=partial(
-                stages._collate_with_reference, pad_token_id=pad_id, **collate_kwargs
+                stages.collate_with_reference, pad_token_id=pad_id, share_prompt=bool(shared)
             ),
         )
 

@@ -342,14 +342,14 @@ def _encode_pairs(pairs: list, tokenizer: Any, max_length: int) -> tuple[list[En
     return encoded, sum(e.truncated for e in encoded)
 
 
-def _pair_collate(share_prompt: bool) -> Any:
+def pair_collate(share_prompt: bool) -> Any:
     return collate_pairs_shared_prompt if share_prompt else collate_pairs
 
 
-def _collate_with_reference(
+def collate_with_reference(
     items: list[tuple[EncodedPair, float, float]], pad_token_id: int, share_prompt: bool
 ) -> dict[str, torch.Tensor]:
-    batch = _pair_collate(share_prompt)([item[0] for item in items], pad_token_id)
+    batch = pair_collate(share_prompt)([item[0] for item in items], pad_token_id)
     batch["ref_chosen_logps"] = torch.tensor([item[1] for item in items], dtype=torch.float32)
     batch["ref_rejected_logps"] = torch.tensor([item[2] for item in items], dtype=torch.float32)
     return batch
@@ -373,7 +373,7 @@ def reference_logps_cached(
     loader = DataLoader(
         encoded,  # type: ignore[arg-type]
         batch_size=batch_size,
-        collate_fn=partial(_pair_collate(share_prompt), pad_token_id=pad_token_id),
+        collate_fn=partial(pair_collate(share_prompt), pad_token_id=pad_token_id),
     )
     chosen, rejected, tokens = precompute_reference_logps(model, loader)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -476,7 +476,7 @@ def run_dpo_stage(
         info={**lineage, "model": cfg.model.name, "task": task.name, "method": method.name},
         extra_dirs=extra_dirs,
     )
-    collate = partial(_collate_with_reference, pad_token_id=pad_id, share_prompt=share_prompt)
+    collate = partial(collate_with_reference, pad_token_id=pad_id, share_prompt=share_prompt)
     train_loader = DataLoader(
         items["train"], batch_size=method.train.batch_size, shuffle=True, collate_fn=collate
     )
