@@ -15,8 +15,11 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    from functools import partial
+
     from hydra.types import RunMode
 
+    from clintune.distributed import launch
     from clintune.errors import UserError
     from clintune.jobs import run_job
     from clintune.pipeline import run
@@ -27,7 +30,8 @@ def main(cfg: DictConfig) -> None:
             cfg,
             Path(hydra_cfg.runtime.output_dir),
             multirun=hydra_cfg.mode == RunMode.MULTIRUN,
-            job=run,
+            # One process, or trainer.devices ranks sharing this job's run directory.
+            job=partial(launch, job=run),
         )
     except UserError as error:  # the user's to fix: a message, not a stack trace
         print(f"error: {error}", file=sys.stderr)

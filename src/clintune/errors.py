@@ -3,6 +3,9 @@ one clear message instead of a stack trace."""
 
 from __future__ import annotations
 
+import signal
+from pathlib import Path
+
 
 class UserError(Exception):
     """Something about the user's config, data or machine, explained in its message."""
@@ -29,3 +32,19 @@ def out_of_memory_message(stage: str, batch_size: int) -> str:
         "the global batch; trainer.precision=bf16-true; a shorter model.max_length; or more "
         "GPUs."
     )
+
+
+# Exit status of a run stopped by a signal after saving its checkpoint (128 + SIGTERM).
+INTERRUPTED_EXIT_CODE = 143
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal after its state was saved; rerunning resumes it."""
+
+    def __init__(self, signum: int, checkpoint: Path) -> None:
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} after saving {checkpoint}; "
+            "run the same command again to resume"
+        )
+        self.signum = signum
+        self.checkpoint = checkpoint

@@ -14,6 +14,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from clintune.checkpointing import requeue_with_submitit
+from clintune.errors import INTERRUPTED_EXIT_CODE, TrainingInterrupted
 from clintune.io import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,15 @@ def run_job(cfg: DictConfig, run_dir: Path, *, multirun: bool, job: Any) -> dict
     (run_dir / FAILURE_FILE).unlink(missing_ok=True)
     try:
         metrics = job(cfg, run_dir)
+    except TrainingInterrupted as interrupted:
+        write_json_atomic(
+            run_dir / JOB_FILE,
+            {**record, "status": "interrupted", "ended": time.time(), "reason": str(interrupted)},
+        )
+        print(f"Job {run_dir.name} interrupted: {interrupted}")
+        if not requeue_with_submitit():
+            raise SystemExit(INTERRUPTED_EXIT_CODE) from interrupted
+        return None
     except Exception as error:
         failure = {
             "error": type(error).__name__,

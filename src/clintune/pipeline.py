@@ -7,6 +7,7 @@ import gc
 import logging
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from clintune import distributed
 from clintune.compute import peak_memory_bytes
 from clintune.errors import UserError, require_accelerator
-from clintune.eval.runner import EvalResult, evaluate_task
+from clintune.eval.runner import EvalResult, generate_outputs, score_outputs
 from clintune.io import write_json_atomic, write_jsonl_atomic
 from clintune.models.loading import load_model, read_checkpoint_manifest
 from clintune.stages import (
@@ -52,9 +54,10 @@ def _train(
     stages: list[str] = []
     if kind == "sft":
         result = run_sft_stage(cfg, method, task, splits, run_dir, run_dir / WEIGHTS_DIR, wandb_run)
-        if result.weights != run_dir / WEIGHTS_DIR:
+        if result.weights != run_dir / WEIGHTS_DIR and distributed.is_rank_zero():
             # Reused from the cache: the run directory still gets its own weights.
             shutil.copytree(result.weights, run_dir / WEIGHTS_DIR, copy_function=link_or_copy)
+        distributed.barrier()
         metrics.update(result.metrics)
         stages.append("sft")
     elif kind == "dpo":
@@ -89,23 +92,35 @@ def _train(
 
 def _evaluate(
     cfg: DictConfig, task: Task, test: list[dict[str, Any]], checkpoint: Path | None
-) -> tuple[EvalResult, dict[str, float]]:
+) -> tuple[EvalResult | None, dict[str, float]]:
+    """Every rank generates for its shard of the test set; rank zero gathers the outputs in
+    order and scores them (other ranks get ``None``)."""
     loaded = load_model(cfg.model, cfg.paths.cache_dir, checkpoint=checkpoint)
+    model = loaded.model.to(distributed.device_for(cfg.trainer))
     if cfg.eval.get("limit"):
         test = test[: int(cfg.eval.limit)]
     started = time.perf_counter()
-    result = evaluate_task(
-        loaded.model,
+    outputs, truncated = generate_outputs(
+        model,
         loaded.tokenizer,
         task,
-        test,
+        distributed.my_shard(test),
         max_prompt_length=int(cfg.model.max_length) - task.max_new_tokens,
         batch_size=int(cfg.eval.batch_size),
-        show_progress=bool(cfg.eval.progress_bar),
+        show_progress=bool(cfg.eval.progress_bar) and distributed.is_rank_zero(),
+    )
+    shards = distributed.gather_to_all((outputs, truncated))
+    seconds = time.perf_counter() - started
+    if not distributed.is_rank_zero():
+        return None, {}
+    result = score_outputs(
+        task,
+        test,
+        [output for shard in shards for output in shard[0]],
+        truncated=sum(shard[1] for shard in shards),
         bootstrap=OmegaConf.to_container(cfg.eval.bootstrap, resolve=True),  # type: ignore[arg-type]
     )
-    seconds = time.perf_counter() - started
-    return result, {"compute/eval_seconds": seconds}
+    return result, {"compute/eval_seconds": seconds, "compute/eval_processes": len(shards)}
 
 
 class LeakageError(UserError, ValueError):
@@ -149,7 +164,11 @@ def run(
         limit = (cfg.get("subsample") or {}).get(split)
         if limit and split in splits:
             splits[split] = splits[split][: int(limit)]
-    wandb_run = start_wandb(cfg, run_dir, job_type="train" if trains else "evaluate")
+    # Only rank zero writes: files, the W&B run, the console summary.
+    writer = distributed.is_rank_zero()
+    wandb_run = (
+        start_wandb(cfg, run_dir, job_type="train" if trains else "evaluate") if writer else None
+    )
     failed = True
     try:
         metrics: dict[str, float] = {}
@@ -159,6 +178,9 @@ def run(
             gc.collect()
             checkpoint = run_dir / WEIGHTS_DIR
         result, eval_compute = _evaluate(cfg, task, splits["test"], checkpoint)
+        if result is None:
+            failed = False
+            return {}
         metrics.update(eval_compute)
         metrics.update({f"test/{key}": value for key, value in result.metrics.items()})
         metrics["compute/peak_memory_bytes"] = float(peak_memory_bytes())
@@ -205,4 +227,4 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     elif checkpoint is not None:
         manifest = read_checkpoint_manifest(checkpoint)
         cfg.method.name = manifest.get("method", cfg.method.name)
-    return run(cfg, out_dir, checkpoint=weights, train=False)
+    return distributed.launch(cfg, out_dir, partial(run, checkpoint=weights, train=False))

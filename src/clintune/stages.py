@@ -6,7 +6,9 @@ a weights directory in Hugging Face format plus its metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -14,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -21,12 +24,21 @@ from typing import Any
 
 import lightning as L
 import torch
+from filelock import FileLock, Timeout
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from clintune import distributed
+from clintune.checkpointing import (
+    LAST_CHECKPOINT,
+    AtomicCheckpointIO,
+    EpochSampler,
+    TrainingState,
+)
 from clintune.compute import forward_flops, peak_memory_bytes, training_flops
 from clintune.errors import UserError, out_of_memory_message
 from clintune.eval.generation import generate_sampled
@@ -99,9 +111,16 @@ class SaveWeights(Callback):
         self.saved_step: int | None = None
 
     def _write(self, trainer: L.Trainer, module: L.LightningModule, value: float | None) -> None:
+        state_dict = None
+        if isinstance(trainer.strategy, FSDPStrategy):
+            # Sharded parameters: every rank takes part in gathering the full weights.
+            full = trainer.strategy.lightning_module_state_dict()
+            state_dict = {k.removeprefix("model."): v for k, v in full.items()}
         if trainer.is_global_zero:
             info = {**self.info, "step": trainer.global_step, self.monitor: value}
-            save_trained(module.model, self.tokenizer, self.dirpath, info, self.extra_dirs)
+            save_trained(
+                module.model, self.tokenizer, self.dirpath, info, self.extra_dirs, state_dict
+            )
         self.saved_step = trainer.global_step
 
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -119,6 +138,12 @@ class SaveWeights(Callback):
         if self.save == "last" or self.saved_step is None:
             self._write(trainer, module, None)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "saved_step": self.saved_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.saved_step = state["best"], state["saved_step"]
+
 
 def _loggers(run_dir: Path, wandb_run: Any | None, stage_prefix: str) -> list[Any]:
     name = f"logs/{stage_prefix}" if stage_prefix else "logs"
@@ -128,22 +153,86 @@ def _loggers(run_dir: Path, wandb_run: Any | None, stage_prefix: str) -> list[An
     return loggers
 
 
+@dataclass
+class FitResult:
+    trainer: L.Trainer
+    seconds: float  # training time of the whole stage, over resumed attempts too
+    resumed: bool
+
+
+@contextlib.contextmanager
+def _stage_lock(work_dir: Path) -> Iterator[None]:
+    """One job at a time trains a given stage (rank zero holds the lock for its ranks): a
+    second identical job waits, then finds the first one's result."""
+    if not distributed.is_rank_zero():
+        yield
+        return
+    work_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(work_dir.with_name(work_dir.name + ".lock")))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"Waiting for another job training the same stage ({work_dir.name}) to finish")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _resume_checkpoint(cfg: DictConfig, work_dir: Path) -> Path | None:
+    """The last complete checkpoint of this stage, unless ``stages.resume=false`` (which
+    discards it and starts over)."""
+    checkpoint = work_dir / LAST_CHECKPOINT
+    if distributed.is_rank_zero() and not bool(cfg.get("stages", {}).get("resume", True)):
+        shutil.rmtree(work_dir, ignore_errors=True)
+    found = distributed.broadcast_from_rank_zero(checkpoint.is_file())
+    return checkpoint if found else None
+
+
 def _fit(
     cfg: DictConfig,
     stage_cfg: DictConfig,
     module: L.LightningModule,
-    train_loader: DataLoader,
-    val_loader: DataLoader,
+    datasets: tuple[list[Any], list[Any]],
+    collate: Any,
     saver: SaveWeights,
     run_dir: Path,
+    work_dir: Path,
     wandb_run: Any | None,
     stage_prefix: str,
-) -> tuple[L.Trainer, float]:
+) -> FitResult:
+    train_set, val_set = datasets
+    train_sampler = EpochSampler(train_set, shuffle=True, seed=int(cfg.seed))
+    # Own generators, so that loaders never draw from the global one that dropout uses.
+    train_loader = DataLoader(
+        train_set,
+        batch_size=stage_cfg.train.batch_size,
+        sampler=train_sampler,
+        collate_fn=collate,
+        generator=torch.Generator(),
+    )
+    val_loader = DataLoader(
+        val_set,
+        batch_size=stage_cfg.train.eval_batch_size,
+        sampler=EpochSampler(val_set, shuffle=False, seed=int(cfg.seed)),
+        collate_fn=collate,
+        generator=torch.Generator(),
+    )
+    checkpoint_cfg = cfg.get("checkpoint") or {}
+    state = TrainingState(
+        work_dir / LAST_CHECKPOINT,
+        train_sampler,
+        batch_size=int(stage_cfg.train.batch_size),
+        every_n_steps=int(checkpoint_cfg.get("every_n_steps", 0) or 0),
+    )
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         default_root_dir=str(run_dir),
         logger=_loggers(run_dir, wandb_run, stage_prefix),
-        callbacks=[saver, LearningRateMonitor(logging_interval="step")],
+        callbacks=[saver, state, LearningRateMonitor(logging_interval="step")],
+        plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,
         max_epochs=stage_cfg.train.epochs,
         max_steps=stage_cfg.train.get("max_steps") or -1,
         accumulate_grad_batches=stage_cfg.train.accumulate_grad_batches,
@@ -152,13 +241,32 @@ def _fit(
         enable_checkpointing=False,
         num_sanity_val_steps=0,
     )
+    resume_from = _resume_checkpoint(cfg, work_dir)
+    if resume_from is not None and distributed.is_rank_zero():
+        print(f"Resuming {stage_prefix or stage_cfg.get('name', 'training')} from {resume_from}")
     started = time.perf_counter()
     try:
-        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
+        trainer.fit(
+            module,
+            train_dataloaders=train_loader,
+            val_dataloaders=val_loader,
+            ckpt_path=str(resume_from) if resume_from is not None else None,
+        )
     except torch.cuda.OutOfMemoryError as error:
         stage = stage_prefix or stage_cfg.get("name", "training")
         raise UserError(out_of_memory_message(stage, int(stage_cfg.train.batch_size))) from error
-    return trainer, time.perf_counter() - started
+    seconds = state.seconds_before + time.perf_counter() - started
+    return FitResult(trainer, seconds, resume_from is not None)
+
+
+def _finish_stage(work_dir: Path, out_dir: Path) -> None:
+    """Rank zero moves the stage's weights to ``out_dir`` and drops its checkpoints; every
+    rank waits, so that none reads the weights before they are there."""
+    if distributed.is_rank_zero():
+        shutil.rmtree(out_dir, ignore_errors=True)
+        shutil.copytree(work_dir / "model", out_dir, copy_function=link_or_copy)
+        shutil.rmtree(work_dir, ignore_errors=True)
+    distributed.barrier()
 
 
 def _compute_metrics(
@@ -170,18 +278,22 @@ def _compute_metrics(
     reference_tokens: int = 0,
 ) -> dict[str, float]:
     total, trainable = count_parameters(model)
-    tokens = int(module.tokens_trained)
+    # Every rank counts its own share of the data.
+    tokens = sum(distributed.gather_to_all(int(module.tokens_trained)))
+    padding = sum(distributed.gather_to_all(int(module.padding_tokens_trained)))
+    peak = max(distributed.gather_to_all(peak_memory_bytes()))
     return {
         f"compute/{stage}/train_seconds": seconds,
         f"compute/{stage}/tokens": float(tokens),
-        f"compute/{stage}/padding_tokens": float(module.padding_tokens_trained),
+        f"compute/{stage}/padding_tokens": float(padding),
         f"compute/{stage}/reference_tokens": float(reference_tokens),
         f"compute/{stage}/flops_estimate": training_flops(total, trainable, tokens)
         + forward_flops(total, reference_tokens),
         f"compute/{stage}/optimizer_steps": float(steps),
         f"compute/{stage}/parameters": float(total),
         f"compute/{stage}/trainable_parameters": float(trainable),
-        f"compute/{stage}/peak_memory_bytes": float(peak_memory_bytes()),
+        f"compute/{stage}/peak_memory_bytes": float(peak),
+        f"compute/{stage}/processes": float(distributed.world_size()),
     }
 
 
@@ -255,14 +367,38 @@ def run_sft_stage(
 ) -> StageResult:
     key = sft_stage_key(cfg, stage_cfg, cfg.task, splits)
     cache_entry = Path(cfg.paths.cache_dir) / "stages" / f"sft-{key}"
+    work_dir = Path(cfg.paths.cache_dir) / "training" / f"sft-{key}"
     reuse = bool(cfg.get("stages", {}).get("reuse", True))
-    if reuse and (cache_entry / STAGE_COMPLETE).is_file():
-        metrics = json.loads((cache_entry / STAGE_COMPLETE).read_text())
-        metrics["compute/sft/reused"] = 1.0
-        log.info("Reusing the finished SFT stage %s", cache_entry)
-        print(f"Reusing the finished SFT stage from {cache_entry}")
-        return StageResult(cache_entry / "model", metrics, key)
+    with _stage_lock(work_dir):
+        # Looked up under the lock: an identical job may have just finished it.
+        cached = distributed.broadcast_from_rank_zero(
+            reuse and (cache_entry / STAGE_COMPLETE).is_file()
+        )
+        if cached:
+            metrics = json.loads((cache_entry / STAGE_COMPLETE).read_text())
+            metrics["compute/sft/reused"] = 1.0
+            log.info("Reusing the finished SFT stage %s", cache_entry)
+            if distributed.is_rank_zero():
+                print(f"Reusing the finished SFT stage from {cache_entry}")
+            return StageResult(cache_entry / "model", metrics, key)
+        return _train_sft(
+            cfg, stage_cfg, task, splits, run_dir, out_dir, wandb_run, stage_prefix, key
+        )
 
+
+def _train_sft(
+    cfg: DictConfig,
+    stage_cfg: DictConfig,
+    task: Task,
+    splits: dict[str, list[dict[str, Any]]],
+    run_dir: Path,
+    out_dir: Path,
+    wandb_run: Any | None,
+    stage_prefix: str,
+    key: str,
+) -> StageResult:
+    cache_entry = Path(cfg.paths.cache_dir) / "stages" / f"sft-{key}"
+    work_dir = Path(cfg.paths.cache_dir) / "training" / f"sft-{key}"
     loaded, lineage = load_for_training(cfg.model, cfg.paths.cache_dir)
     tokenizer = loaded.tokenizer
     max_length = int(cfg.model.max_length)
@@ -270,7 +406,7 @@ def run_sft_stage(
     val_set, val_truncated = _encode_split(task, tokenizer, splits["val"], max_length)
     module = instantiate(stage_cfg.module, model=loaded.model)
     saver = SaveWeights(
-        out_dir,
+        work_dir / "model",
         tokenizer,
         monitor="eval/loss",
         save=stage_cfg.save,
@@ -282,25 +418,23 @@ def run_sft_stage(
             "stage_key": key,
         },
     )
-    pad_id = tokenizer.pad_token_id
-    train_loader = DataLoader(
-        train_set,  # type: ignore[arg-type]
-        batch_size=stage_cfg.train.batch_size,
-        shuffle=True,
-        collate_fn=partial(collate_sft, pad_token_id=pad_id),
+    fit = _fit(
+        cfg,
+        stage_cfg,
+        module,
+        (train_set, val_set),
+        partial(collate_sft, pad_token_id=tokenizer.pad_token_id),
+        saver,
+        run_dir,
+        work_dir,
+        wandb_run,
+        stage_prefix,
     )
-    val_loader = DataLoader(
-        val_set,  # type: ignore[arg-type]
-        batch_size=stage_cfg.train.eval_batch_size,
-        collate_fn=partial(collate_sft, pad_token_id=pad_id),
-    )
-    trainer, seconds = _fit(
-        cfg, stage_cfg, module, train_loader, val_loader, saver, run_dir, wandb_run, stage_prefix
-    )
-    metrics = _compute_metrics("sft", seconds, module, loaded.model, trainer.global_step)
+    metrics = _compute_metrics("sft", fit.seconds, module, loaded.model, fit.trainer.global_step)
     metrics.update(
         {
             "compute/sft/reused": 0.0,
+            "compute/sft/resumed": float(fit.resumed),
             "data/train_examples": float(len(train_set)),
             "data/train_truncated": float(train_truncated),
             "data/val_examples": float(len(val_set)),
@@ -310,8 +444,9 @@ def run_sft_stage(
             else float("nan"),
         }
     )
-    if trainer.is_global_zero:
-        _publish_to_cache(out_dir, metrics, cache_entry)
+    if distributed.is_rank_zero():
+        _publish_to_cache(work_dir / "model", metrics, cache_entry)
+    _finish_stage(work_dir, out_dir)
     del module, loaded
     return StageResult(out_dir, metrics, key)
 
@@ -364,23 +499,32 @@ def reference_logps_cached(
     cache_file: Path,
     share_prompt: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
-    """Reference log-probs of ``encoded`` pairs, from ``cache_file`` when present; written
-    atomically, so an interrupted run never leaves a truncated cache behind."""
-    if cache_file.is_file():
+    """Reference log-probs of ``encoded`` pairs, from ``cache_file`` when present. Otherwise
+    every rank scores its shard and the shards are gathered in order; rank zero writes the
+    file atomically, so an interrupted run never leaves a truncated cache behind."""
+    saved = None
+    if distributed.is_rank_zero() and cache_file.is_file():
         saved = torch.load(cache_file)
-        if saved["chosen"].numel() == len(encoded):
-            return saved["chosen"], saved["rejected"], 0, True
+        if saved["chosen"].numel() != len(encoded):
+            saved = None
+    saved = distributed.broadcast_from_rank_zero(saved)
+    if saved is not None:
+        return saved["chosen"], saved["rejected"], 0, True
     loader = DataLoader(
-        encoded,  # type: ignore[arg-type]
+        distributed.my_shard(encoded),  # type: ignore[arg-type]
         batch_size=batch_size,
         collate_fn=partial(pair_collate(share_prompt), pad_token_id=pad_token_id),
     )
-    chosen, rejected, tokens = precompute_reference_logps(model, loader)
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=f".{cache_file.name}.")
-    os.close(fd)
-    torch.save({"chosen": chosen, "rejected": rejected}, tmp)
-    os.replace(tmp, cache_file)
+    shards = distributed.gather_to_all(precompute_reference_logps(model, loader))
+    chosen = torch.cat([shard[0] for shard in shards])
+    rejected = torch.cat([shard[1] for shard in shards])
+    tokens = sum(shard[2] for shard in shards)
+    if distributed.is_rank_zero():
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=f".{cache_file.name}.")
+        os.close(fd)
+        torch.save({"chosen": chosen, "rejected": rejected}, tmp)
+        os.replace(tmp, cache_file)
     return chosen, rejected, tokens, False
 
 
@@ -395,7 +539,8 @@ def run_dpo_stage(
     method = cfg.method
     init_weights = init.weights if init is not None else None
     loaded, lineage = load_for_training(cfg.model, cfg.paths.cache_dir, init_weights)
-    policy, tokenizer = loaded.model, loaded.tokenizer
+    # Sampling and the reference pass run before fit: on the device training will use.
+    policy, tokenizer = loaded.model.to(distributed.device_for(cfg.trainer)), loaded.tokenizer
     max_length = int(cfg.model.max_length)
     pad_id = tokenizer.pad_token_id
     pair_cfg = method.pairs
@@ -439,14 +584,14 @@ def run_dpo_stage(
     cache_hits = 0
     for split in ("train", "val"):
         if method.reference == "precompute":
-            key = fingerprint(
+            reference_key = fingerprint(
                 {
                     "weights": init.key if init is not None else _container(cfg.model),
                     "share_prompt": share_prompt,
                     "pairs": [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in encoded[split]],
                 }
             )[:24]
-            cache_file = Path(cfg.paths.cache_dir) / "reference" / f"{key}.pt"
+            cache_file = Path(cfg.paths.cache_dir) / "reference" / f"{reference_key}.pt"
             chosen, rejected, tokens, hit = reference_logps_cached(
                 policy,
                 encoded[split],
@@ -462,6 +607,21 @@ def run_dpo_stage(
             )
         else:
             items[split] = [(pair, 0.0, 0.0) for pair in encoded[split]]
+    key = fingerprint(
+        {
+            "init": init.key if init is not None else None,
+            "model": _container(cfg.model),
+            "task": {k: v for k, v in (_container(cfg.task) or {}).items() if k != "judge"},
+            "method": _container(method),
+            "pairs": {
+                split: fingerprint([dataclasses.astuple(p) for p in encoded[split]])
+                for split in encoded
+            },
+            "trainer": _container(cfg.trainer),
+            "seed": int(cfg.seed),
+        }
+    )[:20]
+    work_dir = Path(cfg.paths.cache_dir) / "training" / f"dpo-{key}"
     module = instantiate(
         method.module, model=policy, reference=method.reference, reference_model=reference_model
     )
@@ -469,7 +629,7 @@ def run_dpo_stage(
     if lineage.get("merged_adapter") and init_weights is not None:
         extra_dirs[lineage["merged_adapter"]] = init_weights
     saver = SaveWeights(
-        run_dir / "model",
+        work_dir / "model",
         tokenizer,
         monitor="eval/loss",
         save=method.save,
@@ -477,20 +637,31 @@ def run_dpo_stage(
         extra_dirs=extra_dirs,
     )
     collate = partial(collate_with_reference, pad_token_id=pad_id, share_prompt=share_prompt)
-    train_loader = DataLoader(
-        items["train"], batch_size=method.train.batch_size, shuffle=True, collate_fn=collate
-    )
-    val_loader = DataLoader(
-        items["val"], batch_size=method.train.eval_batch_size, collate_fn=collate
-    )
-    trainer, seconds = _fit(
-        cfg, method, module, train_loader, val_loader, saver, run_dir, wandb_run, ""
-    )
-    reference_tokens += module.reference_tokens
+    with _stage_lock(work_dir):
+        fit = _fit(
+            cfg,
+            method,
+            module,
+            (items["train"], items["val"]),
+            collate,
+            saver,
+            run_dir,
+            work_dir,
+            wandb_run,
+            "",
+        )
+        _finish_stage(work_dir, run_dir / "model")
+    reference_tokens += sum(distributed.gather_to_all(module.reference_tokens))
     metrics = _compute_metrics(
-        "dpo", seconds, module, policy, trainer.global_step, reference_tokens=reference_tokens
+        "dpo",
+        fit.seconds,
+        module,
+        policy,
+        fit.trainer.global_step,
+        reference_tokens=reference_tokens,
     )
     metrics.update(pair_counts)
+    metrics["compute/dpo/resumed"] = float(fit.resumed)
     metrics["compute/dpo/reference_cache_hits"] = float(cache_hits)
     metrics["compute/dpo/shared_prompt"] = float(share_prompt)
     metrics["data/pairs_truncated"] = float(truncated)

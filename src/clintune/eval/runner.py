@@ -59,7 +59,7 @@ def with_intervals(
     return extra
 
 
-def evaluate_task(
+def generate_outputs(
     model: Any,
     tokenizer: Any,
     task: Task,
@@ -68,8 +68,8 @@ def evaluate_task(
     max_prompt_length: int,
     batch_size: int,
     show_progress: bool = True,
-    bootstrap: dict[str, Any] | None = None,
-) -> EvalResult:
+) -> tuple[list[str], int]:
+    """Greedy outputs for ``examples`` (a rank's shard, or all), and how many prompts were cut."""
     prompts: list[list[int]] = []
     truncated = 0
     for example in examples:
@@ -87,6 +87,18 @@ def evaluate_task(
         batch_size=batch_size,
         show_progress=show_progress,
     )
+    return outputs, truncated
+
+
+def score_outputs(
+    task: Task,
+    examples: list[dict[str, Any]],
+    outputs: list[str],
+    *,
+    truncated: int = 0,
+    bootstrap: dict[str, Any] | None = None,
+) -> EvalResult:
+    """Parse, score and bootstrap the outputs of all ``examples``."""
     parsed = [
         task.parse(output, example) for output, example in zip(outputs, examples, strict=True)
     ]

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 
 from clintune.methods.losses import DPO_LOSS_TYPES, completion_logps, dpo_loss
-from clintune.methods.optim import WarmupCosineAdamW
+from clintune.methods.optim import ComputeCounters, WarmupCosineAdamW
 from clintune.tokenization import IGNORE_INDEX
 
 REFERENCE_MODES = ("precompute", "adapter_disabled", "copy")
@@ -114,7 +114,7 @@ def adapter_disabled(model: torch.nn.Module) -> Iterator[None]:
         yield
 
 
-class DPOModule(WarmupCosineAdamW, L.LightningModule):
+class DPOModule(ComputeCounters, WarmupCosineAdamW, L.LightningModule):
     """Batches hold chosen rows then rejected rows (``tokenization.collate_pairs``) and, for
     ``reference=precompute``, ``ref_chosen_logps``/``ref_rejected_logps``."""
 
@@ -154,9 +154,6 @@ class DPOModule(WarmupCosineAdamW, L.LightningModule):
         self.weight_decay = float(weight_decay)
         self.warmup_ratio = float(warmup_ratio)
         self.betas = tuple(betas)
-        self.tokens_trained = 0
-        self.padding_tokens_trained = 0
-        self.reference_tokens = 0
 
     def on_fit_start(self) -> None:
         for reference in self._reference_model:
@@ -207,7 +204,6 @@ class DPOModule(WarmupCosineAdamW, L.LightningModule):
 
     def _log_pairs(self, prefix: str, out: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
         pairs = out["losses"].size(0)
-        sync = prefix == "eval"
         chosen, rejected = out["rewards/chosen"], out["rewards/rejected"]
         values = {
             "loss": loss,
@@ -225,7 +221,8 @@ class DPOModule(WarmupCosineAdamW, L.LightningModule):
                 f"{prefix}/{name}",
                 value,
                 batch_size=pairs,
-                sync_dist=sync,
+                # Averaged over ranks, as TRL gathers them: the global batch's values.
+                sync_dist=True,
                 prog_bar=name in ("loss", "rewards/accuracies"),
             )
 

@@ -20,16 +20,29 @@ def shift_for_next_token(
     return logits[:, :-1, :], labels[:, 1:]
 
 
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the completion tokens (labels != IGNORE_INDEX)."""
+def completion_token_count(labels: torch.Tensor) -> torch.Tensor:
+    """How many tokens ``sft_loss`` averages over (the shifted labels that are not ignored)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def sft_loss(
+    logits: torch.Tensor, labels: torch.Tensor, num_tokens: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Next-token cross-entropy summed over the completion tokens (labels != IGNORE_INDEX),
+    divided by ``num_tokens`` (default: this batch's count, i.e. the mean). Passing the count
+    over all data-parallel ranks makes every rank's share add up to the global batch's mean."""
     shifted_logits, shifted_labels = shift_for_next_token(logits, labels)
     if not (shifted_labels != IGNORE_INDEX).any():
         raise ValueError("the batch has no completion tokens to train on")
-    return F.cross_entropy(
+    summed = F.cross_entropy(
         _at_least_float32(shifted_logits.reshape(-1, shifted_logits.size(-1))),
         shifted_labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
+        reduction="sum",
     )
+    if num_tokens is None:
+        num_tokens = completion_token_count(labels)
+    return summed / num_tokens
 
 
 def completion_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

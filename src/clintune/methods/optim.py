@@ -1,4 +1,5 @@
-"""The optimiser every method shares: AdamW with linear warm-up then cosine decay."""
+"""What every method's LightningModule shares: AdamW with linear warm-up then cosine decay,
+and compute counters that survive a resume."""
 
 from __future__ import annotations
 
@@ -61,3 +62,24 @@ class WarmupCosineAdamW:
             betas=self.betas,
             total_steps=int(self.trainer.estimated_stepping_batches),
         )
+
+
+class ComputeCounters:
+    """LightningModule mixin: tokens trained on (and padding, and reference-pass tokens),
+    summed over the whole fit and kept in training checkpoints, so a resumed stage reports
+    what it cost in total."""
+
+    COUNTERS = ("tokens_trained", "padding_tokens_trained", "reference_tokens")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tokens_trained = 0
+        self.padding_tokens_trained = 0
+        self.reference_tokens = 0
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["clintune_counters"] = {name: getattr(self, name) for name in self.COUNTERS}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for name, value in checkpoint.get("clintune_counters", {}).items():
+            setattr(self, name, value)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from torchmetrics.aggregation import MeanMetric
 
-from clintune.methods.losses import sft_loss
-from clintune.methods.optim import WarmupCosineAdamW
+from clintune.methods.losses import completion_token_count, sft_loss
+from clintune.methods.optim import ComputeCounters, WarmupCosineAdamW
 
 
-class SFTModule(WarmupCosineAdamW, L.LightningModule):
+class SFTModule(ComputeCounters, WarmupCosineAdamW, L.LightningModule):
     """Wraps a Hugging Face causal LM (full or LoRA); optimisation settings come from config,
     precision, clipping and accumulation from the Trainer."""
 
@@ -29,18 +30,21 @@ class SFTModule(WarmupCosineAdamW, L.LightningModule):
         self.weight_decay = float(weight_decay)
         self.warmup_ratio = float(warmup_ratio)
         self.betas = tuple(betas)
-        # Compute accounting, summed over the whole fit (read by the pipeline afterwards).
-        self.tokens_trained = 0
-        self.padding_tokens_trained = 0
+        self.eval_loss = MeanMetric()
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = self.model(
+    def _logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).logits
-        return sft_loss(logits, batch["labels"])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
+        # Normalised by the completion tokens of the global batch (all ranks), times the world
+        # size because DDP averages gradients: so 1 and N processes take the same step.
+        tokens = completion_token_count(batch["labels"])
+        world = self.trainer.world_size
+        if world > 1:
+            tokens = self.trainer.strategy.reduce(tokens.float(), reduce_op="sum") / world
+        loss = sft_loss(self._logits(batch), batch["labels"], tokens)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"SFT loss is {loss.item()} at global step {self.global_step} (batch {batch_idx});"
@@ -50,11 +54,15 @@ class SFTModule(WarmupCosineAdamW, L.LightningModule):
         real = int(batch["attention_mask"].sum())
         self.tokens_trained += real
         self.padding_tokens_trained += batch["attention_mask"].numel() - real
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
+        # sync_dist: the mean over ranks of these shares is the global batch's loss.
+        self.log(
+            "train/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].size(0)
+        )
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss = self._loss(batch)
-        self.log(
-            "eval/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].size(0)
-        )
+        tokens = completion_token_count(batch["labels"])
+        # Token-weighted over the whole validation set and all ranks, so the value does not
+        # depend on how examples fall into batches or ranks.
+        self.eval_loss.update(sft_loss(self._logits(batch), batch["labels"]), weight=tokens)
+        self.log("eval/loss", self.eval_loss, prog_bar=True)

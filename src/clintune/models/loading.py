@@ -1,21 +1,39 @@
 """Load a causal LM and its tokenizer from a hub id, a local directory, the tiny builder or a
-clintune checkpoint (full weights or a LoRA adapter), always through ``from_pretrained``."""
+clintune checkpoint (full weights or a LoRA adapter), always through ``from_pretrained``.
+
+``model.quantization=4bit`` is QLoRA: the base weights are loaded frozen in 4-bit NF4 through
+bitsandbytes and only LoRA adapters train. An adapter is never merged into 4-bit weights
+(requantizing would round away most of its small update): where lineage needs a merge (DPO
+from an SFT adapter), it is done once in ``model.dtype`` under ``<cache>/merged`` and that is
+what gets quantized."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from packaging.version import Version
 
+from clintune.errors import UserError
 from clintune.models.tiny import TinyModelSpec, ensure_tiny_model
 
 CHECKPOINT_MANIFEST = "clintune_checkpoint.json"
+MERGED_MARKER = "clintune_merged.json"
+
+QUANTIZATION_CHOICES = ("4bit",)
+# The oldest bitsandbytes that transformers 5 loads 4-bit weights with.
+BITSANDBYTES_MIN_VERSION = "0.46.1"
+QLORA_INSTALL = 'pip install -e ".[qlora]"'
 
 _DTYPES = {
     "float32": torch.float32,
@@ -51,6 +69,100 @@ def _dtype(name: str | None) -> torch.dtype:
     if name not in _DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {name!r}")
     return _DTYPES[name]
+
+
+def installed_bitsandbytes() -> str | None:
+    """The installed bitsandbytes version, None when it is not installed."""
+    try:
+        return importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_quantization(
+    model_cfg: Mapping[str, Any] | DictConfig,
+    cuda_available: bool,
+    bitsandbytes_version: str | None = "installed",
+) -> str | None:
+    """``model.quantization`` (None or "4bit") if this machine and config can honour it, else
+    a :class:`UserError` that says what to change. Pure apart from looking up the installed
+    bitsandbytes when ``bitsandbytes_version`` is left at "installed"."""
+    quantization = model_cfg.get("quantization")
+    if quantization is None:
+        return None
+    if quantization not in QUANTIZATION_CHOICES:
+        allowed = ", ".join(["null", *QUANTIZATION_CHOICES])
+        raise UserError(f"model.quantization must be one of {allowed}; got {quantization!r}")
+    lora = model_cfg.get("lora") or {}
+    if not lora.get("enabled"):
+        raise UserError(
+            f"model.quantization={quantization}: QLoRA trains LoRA adapters on a frozen 4-bit "
+            "base: set model.lora.enabled=true"
+        )
+    if not cuda_available:
+        raise UserError(
+            f"model.quantization={quantization}: bitsandbytes 4-bit needs a CUDA GPU; run with "
+            "trainer=gpu on a GPU machine (or set model.quantization=null)"
+        )
+    if bitsandbytes_version == "installed":
+        bitsandbytes_version = installed_bitsandbytes()
+    if bitsandbytes_version is None:
+        raise UserError(
+            f"model.quantization={quantization} needs bitsandbytes, which is not installed: "
+            f"{QLORA_INSTALL}"
+        )
+    if Version(bitsandbytes_version) < Version(BITSANDBYTES_MIN_VERSION):
+        raise UserError(
+            f"model.quantization={quantization} needs bitsandbytes>={BITSANDBYTES_MIN_VERSION}, "
+            f"found {bitsandbytes_version}: {QLORA_INSTALL}"
+        )
+    return str(quantization)
+
+
+def _quantized(model_cfg: DictConfig) -> bool:
+    return check_quantization(model_cfg, torch.cuda.is_available()) == "4bit"
+
+
+def _compute_dtype(model_cfg: DictConfig) -> torch.dtype:
+    """4-bit layers compute in ``model.dtype``, bfloat16 when unset."""
+    name = model_cfg.get("dtype")
+    return torch.bfloat16 if name is None else _dtype(name)
+
+
+def _from_pretrained(path: str | Path, model_cfg: DictConfig, *, quantize: bool) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    if not quantize:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=_dtype(model_cfg.get("dtype")))
+    from transformers import BitsAndBytesConfig
+
+    dtype = _compute_dtype(model_cfg)
+    quantization_config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+    return AutoModelForCausalLM.from_pretrained(
+        str(path),
+        dtype=dtype,  # the layers that stay unquantized (embeddings, norms, lm_head)
+        quantization_config=quantization_config,
+        # bitsandbytes quantizes as it places the weights: on this process's GPU (under DDP,
+        # the one of its local rank); moving a 4-bit model later is supported, casting it is not.
+        device_map={"": int(os.environ.get("LOCAL_RANK", "0"))},
+    )
+
+
+def _prepare_for_kbit_training(model: Any, model_cfg: DictConfig) -> Any:
+    """Freeze the 4-bit base and upcast its unquantized layers to float32 (peft's recipe),
+    with non-reentrant gradient checkpointing when ``model.gradient_checkpointing`` is set."""
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=bool(model_cfg.get("gradient_checkpointing")),
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
 
 
 def load_tokenizer(source: str) -> Any:
@@ -97,10 +209,21 @@ def _base_for_checkpoint(
     manifest: dict[str, Any],
     checkpoint: Path,
     dtype: torch.dtype,
+    *,
+    quantize: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> Any:
     """The weights an adapter checkpoint sits on: the base model, or full fine-tuned weights
     (``base_weights``), with an earlier adapter merged in (``merged_adapter``, stored inside
-    the checkpoint) when DPO-with-LoRA started from an SFT adapter."""
+    the checkpoint) when DPO-with-LoRA started from an SFT adapter. ``quantize``: the same
+    weights in 4-bit, the merge done in full precision first (see :func:`merged_base_dir`)."""
+    if quantize:
+        if manifest.get("merged_adapter"):
+            assert cache_dir is not None, "a 4-bit merged base needs the cache directory"
+            path = merged_base_dir(model_cfg, checkpoint / manifest["merged_adapter"], cache_dir)
+        else:
+            path = Path(manifest.get("base_weights") or source)
+        return _from_pretrained(path, model_cfg, quantize=True)
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(manifest.get("base_weights") or source, dtype=dtype)
@@ -115,6 +238,76 @@ def _base_for_checkpoint(
     return base
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _adapter_identity(checkpoint: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What fixes base + this adapter: file contents, not paths, so the copy of an adapter
+    stored inside a later checkpoint (``init_adapter``) names the same merged weights."""
+    identity: dict[str, Any] = {
+        "files": {
+            p.name: _sha256(p)
+            for p in sorted(checkpoint.iterdir())
+            if p.is_file() and p.name.startswith("adapter_")
+        },
+        "base_weights": manifest.get("base_weights"),
+    }
+    if manifest.get("merged_adapter"):
+        inner = checkpoint / manifest["merged_adapter"]
+        identity["merged_adapter"] = _adapter_identity(inner, read_checkpoint_manifest(inner))
+    return identity
+
+
+def merged_base_dir(model_cfg: DictConfig, checkpoint: str | Path, cache_dir: str | Path) -> Path:
+    """Full weights of the adapter ``checkpoint`` merged into its base in ``model.dtype``
+    (bfloat16 when unset), saved once under ``<cache_dir>/merged`` for a 4-bit load: the
+    QLoRA way to start from an adapter without merging it into quantized weights. Safe under
+    concurrency like the tiny-model cache: a lock, a private staging directory, one rename."""
+    from filelock import FileLock
+
+    checkpoint = Path(checkpoint)
+    manifest = read_checkpoint_manifest(checkpoint)
+    if manifest["kind"] != "lora":
+        raise ValueError(f"{checkpoint} holds full weights, not an adapter to merge")
+    source = resolve_source(model_cfg, cache_dir)
+    dtype = _compute_dtype(model_cfg)
+    identity = {
+        "source": source,
+        "dtype": str(dtype),
+        "adapter": _adapter_identity(checkpoint, manifest),
+    }
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+    root = Path(cache_dir) / "merged"
+    root.mkdir(parents=True, exist_ok=True)
+    final_dir = root / key
+    if (final_dir / MERGED_MARKER).is_file():
+        return final_dir
+    with FileLock(str(root / f"{key}.lock")):
+        if (final_dir / MERGED_MARKER).is_file():
+            return final_dir
+        staging = Path(tempfile.mkdtemp(prefix=f".{key}.merging-", dir=root))
+        try:
+            from peft import PeftModel
+
+            base = _base_for_checkpoint(model_cfg, source, manifest, checkpoint, dtype)
+            merged = PeftModel.from_pretrained(base, str(checkpoint)).merge_and_unload()
+            merged.save_pretrained(staging)
+            (staging / MERGED_MARKER).write_text(json.dumps(identity, indent=2))
+            del base, merged
+            if final_dir.exists():  # an incomplete leftover: never reused
+                shutil.rmtree(final_dir)
+            os.replace(staging, final_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return final_dir
+
+
 def load_model(
     model_cfg: DictConfig,
     cache_dir: str | Path,
@@ -127,10 +320,11 @@ def load_model(
     ``checkpoint`` is a directory written by :func:`save_trained`: full weights are loaded
     from it directly, an adapter is put on top of the weights it was trained on.
     ``trainable_lora`` wraps a fresh LoRA adapter around the base model when
-    ``model.lora.enabled`` is set.
+    ``model.lora.enabled`` is set. Under ``model.quantization=4bit`` the base (or full)
+    weights are loaded in 4-bit on the GPU, and prepared for k-bit training when an adapter
+    is to be trained.
     """
-    from transformers import AutoModelForCausalLM
-
+    quantize = _quantized(model_cfg)
     dtype = _dtype(model_cfg.get("dtype"))
     source = resolve_source(model_cfg, cache_dir)
     if checkpoint is not None:
@@ -138,19 +332,25 @@ def load_model(
         manifest = read_checkpoint_manifest(checkpoint)
         tokenizer = load_tokenizer(str(checkpoint))
         if manifest["kind"] == "full":
-            model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype)
+            model = _from_pretrained(checkpoint, model_cfg, quantize=quantize)
             return LoadedModel(model=model, tokenizer=tokenizer, source=source, is_lora=False)
         from peft import PeftModel
 
-        base = _base_for_checkpoint(model_cfg, source, manifest, checkpoint, dtype)
+        base = _base_for_checkpoint(
+            model_cfg, source, manifest, checkpoint, dtype, quantize=quantize, cache_dir=cache_dir
+        )
+        if quantize and trainable_lora:
+            base = _prepare_for_kbit_training(base, model_cfg)
         model = PeftModel.from_pretrained(base, str(checkpoint), is_trainable=trainable_lora)
         return LoadedModel(model=model, tokenizer=tokenizer, source=source, is_lora=True)
     tokenizer = load_tokenizer(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    model = _from_pretrained(source, model_cfg, quantize=quantize)
     is_lora = False
     if trainable_lora and model_cfg.lora.enabled:
         from peft import get_peft_model
 
+        if quantize:
+            model = _prepare_for_kbit_training(model, model_cfg)
         model = get_peft_model(model, _lora_config(model_cfg.lora))
         is_lora = True
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, is_lora=is_lora)
@@ -167,6 +367,7 @@ def load_for_training(
     so that under LoRA the new adapter's "disabled" state is the init model itself (the DPO
     reference), and the merged adapter is stored inside the new checkpoint.
     """
+    quantize = _quantized(model_cfg)  # before anything is built or loaded
     source = resolve_source(model_cfg, cache_dir)
     lineage: dict[str, Any] = {"base_model": source}
     if init is None:
@@ -175,11 +376,18 @@ def load_for_training(
         return loaded, lineage
     init = Path(init)
     manifest = read_checkpoint_manifest(init)
-    loaded = load_model(model_cfg, cache_dir, checkpoint=init)
-    model = loaded.model
+    if quantize and manifest["kind"] == "lora":
+        # Not load + merge_and_unload: that would merge into 4-bit weights.
+        tokenizer = load_tokenizer(str(init))
+        merged = merged_base_dir(model_cfg, init, cache_dir)
+        model = _from_pretrained(merged, model_cfg, quantize=True)
+    else:
+        loaded = load_model(model_cfg, cache_dir, checkpoint=init)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        if manifest["kind"] == "lora":
+            model = model.merge_and_unload()
     lineage["init_from"] = str(init)
     if manifest["kind"] == "lora":
-        model = model.merge_and_unload()
         if model_cfg.lora.enabled:
             lineage["merged_adapter"] = "init_adapter"
             if manifest.get("base_weights"):
@@ -190,11 +398,13 @@ def load_for_training(
     if model_cfg.lora.enabled:
         from peft import get_peft_model
 
+        if quantize:
+            model = _prepare_for_kbit_training(model, model_cfg)
         model = get_peft_model(model, _lora_config(model_cfg.lora))
         is_lora = True
     model.train()
     enable_memory_savers(model, model_cfg)
-    return LoadedModel(model, loaded.tokenizer, source, is_lora), lineage
+    return LoadedModel(model, tokenizer, source, is_lora), lineage
 
 
 def enable_memory_savers(model: Any, model_cfg: DictConfig) -> None:
@@ -216,17 +426,24 @@ def save_trained(
     out_dir: str | Path,
     info: dict[str, Any],
     extra_dirs: dict[str, Path] | None = None,
+    state_dict: dict[str, Any] | None = None,
 ) -> None:
     """Save weights (or only the adapter, for a LoRA model) so that a crash never leaves a
     directory that looks complete: write beside, then swap in with renames; the manifest that
     marks completeness is written last inside the staging directory. ``extra_dirs`` are
-    copied in (an adapter this one was stacked on)."""
+    copied in (an adapter this one was stacked on).
+
+    Under QLoRA the model is a peft model on a 4-bit base, so only the adapter is saved; its
+    base is re-created from the lineage in ``info`` when it is loaded, never merged here."""
     out_dir = Path(out_dir)
     staging = out_dir.with_name(out_dir.name + ".tmp")
     previous = out_dir.with_name(out_dir.name + ".old")
     shutil.rmtree(staging, ignore_errors=True)
     is_lora = hasattr(model, "peft_config")
-    model.save_pretrained(staging)
+    if not is_lora and getattr(model, "is_loaded_in_4bit", False):
+        raise ValueError("4-bit weights are a frozen base: save a LoRA adapter trained on them")
+    # state_dict: the full weights gathered from shards (FSDP); otherwise the model's own.
+    model.save_pretrained(staging, state_dict=state_dict)
     tokenizer.save_pretrained(staging)
     for name, directory in (extra_dirs or {}).items():
         shutil.copytree(directory, staging / name)
@@ -239,8 +456,15 @@ def save_trained(
     shutil.rmtree(previous, ignore_errors=True)
 
 
+def _parameter_count(parameter: torch.nn.Parameter) -> int:
+    if parameter.__class__.__name__ == "Params4bit":
+        # bitsandbytes packs two 4-bit values per byte of storage (as peft counts them).
+        return parameter.numel() * 2 * parameter.element_size()
+    return parameter.numel()
+
+
 def count_parameters(model: Any) -> tuple[int, int]:
-    """(total, trainable) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """(total, trainable) parameter counts; a 4-bit weight counts as its unpacked size."""
+    total = sum(_parameter_count(p) for p in model.parameters())
+    trainable = sum(_parameter_count(p) for p in model.parameters() if p.requires_grad)
     return total, trainable

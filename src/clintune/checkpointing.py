@@ -1,0 +1,229 @@
+"""Surviving kills and preemption: atomic training checkpoints, a data order that resumes
+mid-epoch exactly, and a save at the next step boundary when SIGTERM (or the scheduler's
+preemption signal) arrives.
+
+A stage trains in a work directory keyed by the content hash of everything that decides its
+result, so re-running the same command (or a requeued SLURM job) finds the last complete
+checkpoint whatever its run directory is called."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DistributedSampler
+
+from clintune import distributed
+from clintune.errors import TrainingInterrupted
+
+LAST_CHECKPOINT = "last.ckpt"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file beside it, syncs it, then renames it over the
+    old one: a kill mid-write leaves the previous checkpoint, never half of a new one."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+class EpochSampler(DistributedSampler):
+    """Shuffles by ``seed + epoch`` the same way whatever the number of processes, and rank r
+    takes every W-th index, so one process and W processes see the same global batches.
+    ``skip`` drops this rank's indices already consumed in the epoch (set when resuming)."""
+
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        shuffle: bool,
+        seed: int,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        super().__init__(
+            dataset,
+            num_replicas=distributed.world_size() if num_replicas is None else num_replicas,
+            rank=distributed.rank() if rank is None else rank,
+            shuffle=shuffle,
+            seed=seed,
+        )
+        self.skip = 0
+
+    def __iter__(self) -> Any:
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0
+        return iter(indices[skip:])
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every generator's state as tensors and plain numbers, which Lightning's safe
+    (weights-only) checkpoint loading accepts."""
+    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state(
+        ("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian)
+    )
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def _preemption_signals() -> list[int]:
+    # SIGTERM from `scancel`, Kubernetes or SLURM's preemption; submitit's own signal (USR2
+    # unless SUBMITIT_PREEMPT_SIGNAL says otherwise) arrives ahead of a time limit.
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    extra = getattr(signal, name if name.startswith("SIG") else f"SIG{name}", None)
+    return [signal.SIGTERM] + ([extra] if extra is not None else [])
+
+
+class TrainingState(Callback):
+    """Saves the whole training state (weights, optimiser, scheduler, loop position, data
+    order, random generators) to ``path`` every ``every_n_steps`` optimiser steps, and at the
+    next step boundary after a preemption signal; then stops with ``TrainingInterrupted``."""
+
+    def __init__(
+        self, path: Path, sampler: EpochSampler, *, batch_size: int, every_n_steps: int
+    ) -> None:
+        self.path = path
+        self.sampler = sampler
+        self.batch_size = int(batch_size)
+        self.every_n_steps = int(every_n_steps)
+        self._epoch = 0
+        self._consumed = 0
+        self._batches_per_epoch = 0
+        self._last_step = 0
+        self._signal: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
+        self._rng_to_restore: dict[str, Any] | None = None
+        self.seconds_before = 0.0  # training time spent by earlier, interrupted attempts
+        self._started = time.perf_counter()
+
+    @property
+    def state_key(self) -> str:
+        return "TrainingState"
+
+    # ---- signals: the handler only records; saving happens at a step boundary
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signal = signum
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step
+        self._started = time.perf_counter()
+        for signum in _preemption_signals():
+            self._previous_handlers[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._on_signal)
+
+    def teardown(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+
+    def previous_handler(self, signum: int) -> Any:
+        return self._previous_handlers.get(signum)
+
+    def _signal_agreed(self, trainer: L.Trainer, module: L.LightningModule) -> int:
+        """The signal any rank received (0 if none): all ranks must stop at the same step.
+        Lightning's own handler covers the moments before training starts."""
+        received = self._signal or (signal.SIGTERM if trainer.received_sigterm else 0)
+        local = torch.tensor([received], device=module.device)
+        if distributed.is_initialized():
+            torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.MAX)
+        return int(local.item())
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, module: L.LightningModule, batch: Any, idx: int
+    ) -> None:
+        # Restored here, not at load time: Lightning's set-up between the two draws from the
+        # generators, and the first resumed batch must see exactly what the killed run's did.
+        if self._rng_to_restore is not None:
+            _set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        self._epoch = trainer.current_epoch
+        self._consumed = idx + 1
+        self._batches_per_epoch = int(trainer.num_training_batches)
+        stepped = trainer.global_step != self._last_step
+        self._last_step = trainer.global_step
+        if not stepped:
+            return  # mid-accumulation: the gradients so far are not in a checkpoint
+        signum = self._signal_agreed(trainer, module)
+        if signum:
+            trainer.save_checkpoint(self.path)
+            raise TrainingInterrupted(signum, self.path)
+        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
+            trainer.save_checkpoint(self.path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self._epoch,
+            "consumed": self._consumed,
+            "batches_per_epoch": self._batches_per_epoch,
+            "rng": _rng_state(),
+            "seconds": self.seconds_before + time.perf_counter() - self._started,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # Lightning restores callbacks before it creates the first data iterator, so the
+        # sampler is positioned here.
+        epoch, consumed = int(state["epoch"]), int(state["consumed"])
+        if consumed >= int(state["batches_per_epoch"]):
+            epoch, consumed = epoch + 1, 0
+        self.sampler.set_epoch(epoch)
+        self.sampler.skip = consumed * self.batch_size
+        self._rng_to_restore = state["rng"]
+        self.seconds_before = float(state["seconds"])
+
+
+def requeue_with_submitit() -> bool:
+    """Inside a submitit job (the SLURM launcher), hand over to submitit's own preemption
+    handler: it pickles the job again and requeues it (the requeued job then resumes from
+    the checkpoint just saved). False outside submitit."""
+    try:
+        from submitit.core.job_environment import SignalHandler
+    except ImportError:
+        return False
+    for signum in _preemption_signals()[1:]:
+        handler = signal.getsignal(signum)
+        if isinstance(getattr(handler, "__self__", None), SignalHandler):
+            handler(signum, None)  # type: ignore[operator]
+            return True
+    return False

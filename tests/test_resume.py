@@ -1,0 +1,229 @@
+"""Checkpoint and resume: a SIGKILL mid-epoch, then the same command, ends bit-identical to
+an uninterrupted run; SIGTERM saves a checkpoint and exits 143; under submitit the job
+requeues itself and resumes; checkpoints are never half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from conftest import REPO, run_script
+from safetensors.torch import load_file
+
+from clintune.checkpointing import AtomicCheckpointIO, EpochSampler
+
+ARGS = [
+    "model=tiny_llama",
+    "task=classification",
+    "method=sft",
+    "subsample.train=96",
+    "subsample.val=16",
+    "method.train.batch_size=8",
+    "method.train.epochs=2",
+    "eval.limit=10",
+    "eval.bootstrap.samples=20",
+    "stages.reuse=false",
+]
+
+
+def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[str]:
+    """train.py in its own process group, stdout and stderr (progress bar) into ``log``."""
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=REPO,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _wait_for(condition, what: str, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + 300
+    while not condition():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the run ended (exit {process.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _checkpoints(cache: Path) -> list[Path]:
+    return list((cache / "training").glob("sft-*/last.ckpt"))
+
+
+def _training_started(log: Path) -> bool:
+    # Lightning prints the model summary as fit starts.
+    return log.is_file() and "Trainable params" in log.read_text(errors="replace")
+
+
+def _test_results(run_dir: Path) -> dict[str, float]:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {key: value for key, value in metrics.items() if key.startswith("test/")}
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_same_command_ends_bit_identical(
+    tmp_path: Path, run_env, cache_dir: Path
+) -> None:
+    args = [*ARGS, "seed=11", "checkpoint.every_n_steps=2"]
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    run_script("train.py", [*args, f"hydra.run.dir={reference}"], run_env)
+    assert not _checkpoints(cache_dir), "a finished stage leaves no checkpoint behind"
+
+    process = _start([*args, f"hydra.run.dir={interrupted}"], run_env, tmp_path / "killed.log")
+    _wait_for(lambda: _checkpoints(cache_dir), "the first checkpoint", process)
+    time.sleep(0.3)  # somewhere inside the next steps, not at a save
+    assert process.poll() is None
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (interrupted / "metrics.json").exists()
+    checkpoint = torch.load(_checkpoints(cache_dir)[0], weights_only=False)
+    assert 0 < checkpoint["global_step"] < 12, "killed in the first epoch (12 steps)"
+
+    resumed = run_script("train.py", [*args, f"hydra.run.dir={interrupted}"], run_env)
+    assert "Resuming" in resumed.stdout
+    metrics = json.loads((interrupted / "metrics.json").read_text())
+    assert metrics["compute/sft/resumed"] == 1.0
+    assert metrics["compute/sft/optimizer_steps"] == 24
+    assert _test_results(interrupted) == _test_results(reference)
+    reference_metrics = json.loads((reference / "metrics.json").read_text())
+    # The compute counters carry over the killed attempt: the stage's total cost.
+    assert metrics["compute/sft/tokens"] == reference_metrics["compute/sft/tokens"]
+    assert (interrupted / "predictions.jsonl").read_text() == (
+        reference / "predictions.jsonl"
+    ).read_text()
+    first = load_file(str(reference / "model" / "model.safetensors"))
+    second = load_file(str(interrupted / "model" / "model.safetensors"))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert not _checkpoints(cache_dir)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_exits_143_and_the_rerun_resumes(
+    tmp_path: Path, run_env, cache_dir: Path
+) -> None:
+    # No periodic saves: a checkpoint can only come from the SIGTERM handling.
+    args = [*ARGS, "seed=12", "checkpoint.every_n_steps=0", f"hydra.run.dir={tmp_path / 'run'}"]
+    log = tmp_path / "run.log"
+    process = _start(args, run_env, log)
+    _wait_for(lambda: _training_started(log), "training to start", process)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=300)
+    stdout = log.read_text()
+    assert process.returncode == 143, stdout
+    assert "interrupted: stopped by SIGTERM after saving" in stdout
+    assert len(_checkpoints(cache_dir)) == 1
+    job = json.loads((tmp_path / "run" / "job.json").read_text())
+    assert job["status"] == "interrupted"
+
+    resumed = run_script("train.py", args, run_env)
+    assert "Resuming" in resumed.stdout
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["compute/sft/resumed"] == 1.0
+    assert metrics["compute/sft/optimizer_steps"] == 24
+    assert json.loads((tmp_path / "run" / "job.json").read_text())["status"] == "finished"
+
+
+def _submitit_task(sweep: Path) -> psutil.Process | None:
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if "submitit.core._submit" in cmdline and str(sweep) in cmdline:
+            return process
+    return None
+
+
+@pytest.mark.slow
+def test_sigterm_under_submitit_saves_requeues_and_the_requeued_job_resumes(
+    tmp_path: Path, run_env
+) -> None:
+    sweep = tmp_path / "sweep"
+    args = [
+        "-m",
+        "hydra/launcher=submitit_local_preset",
+        *ARGS,
+        "seed=13",
+        "logger=none",
+        "checkpoint.every_n_steps=0",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    process = _start(args, run_env, tmp_path / "sweep.log")
+
+    def task_training() -> bool:
+        return any(_training_started(log) for log in sweep.glob(".submitit/*/*_log.*"))
+
+    _wait_for(task_training, "the submitit task to train", process)
+    task = _submitit_task(sweep)
+    assert task is not None
+    task.send_signal(signal.SIGTERM)
+    process.wait(timeout=600)
+    assert process.returncode == 0, (tmp_path / "sweep.log").read_text()
+    job_dir = sweep / "tiny_llama-classification-sft-s13"
+    metrics = json.loads((job_dir / "metrics.json").read_text())
+    assert metrics["compute/sft/resumed"] == 1.0
+    assert metrics["compute/sft/optimizer_steps"] == 24
+    logs = "".join(log.read_text() for log in sweep.glob(".submitit/*/*_log.*"))
+    assert "interrupted: stopped by SIGTERM after saving" in logs
+    assert "Requeued job" in logs
+    assert "Resuming" in logs
+
+
+def test_checkpoint_write_is_atomic_a_failed_save_keeps_the_previous_one(
+    tmp_path: Path,
+) -> None:
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        io.save_checkpoint({"step": 2, "bad": Unpicklable()}, path)
+    assert torch.load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary left
+
+
+def test_sampler_order_is_the_same_for_any_world_size_and_skip_resumes_mid_epoch() -> None:
+    data = list(range(16))
+    single = EpochSampler(data, shuffle=True, seed=3)
+    single.set_epoch(1)
+    order = list(single)
+    assert sorted(order) == data and order != data
+    ranks = []
+    for rank in (0, 1):
+        sampler = EpochSampler(data, shuffle=True, seed=3, num_replicas=2, rank=rank)
+        sampler.set_epoch(1)
+        ranks.append(list(sampler))
+    # Step k's global batch of 4 = rank 0's and rank 1's batch k of 2.
+    for step in range(4):
+        two = set(ranks[0][2 * step : 2 * step + 2]) | set(ranks[1][2 * step : 2 * step + 2])
+        assert two == set(order[4 * step : 4 * step + 4])
+    single.skip = 6
+    assert list(single) == order[6:]
+    assert list(single) == order  # the skip applies to one pass only
+
+
+def test_random_generator_states_survive_a_weights_only_checkpoint_load(tmp_path: Path) -> None:
+    import random
+
+    import numpy as np
+
+    from clintune.checkpointing import _rng_state, _set_rng_state
+
+    AtomicCheckpointIO().save_checkpoint({"rng": _rng_state()}, tmp_path / "rng.ckpt")
+    expected = (torch.rand(3), np.random.rand(), random.random())
+    _set_rng_state(torch.load(tmp_path / "rng.ckpt", weights_only=True)["rng"])
+    assert torch.equal(torch.rand(3), expected[0])
+    assert (np.random.rand(), random.random()) == expected[1:]
