@@ -156,6 +156,9 @@ def test_ddp_inside_a_hydra_multirun_gives_one_directory_and_wandb_run_per_job(
     tmp_path: Path, run_env
 ) -> None:
     sweep = tmp_path / "sweep"
+    # A cold cache: the ranks must not both build the tiny model (transformers writes nothing
+    # from a rank other than zero, which once left a model without weights in the cache).
+    env = {**run_env, "CLINTUNE_CACHE": str(tmp_path / "cold-cache")}
     result = run_script(
         "train.py",
         [
@@ -167,8 +170,10 @@ def test_ddp_inside_a_hydra_multirun_gives_one_directory_and_wandb_run_per_job(
             "seed=1,2",
             f"hydra.sweep.dir={sweep}",
         ],
-        run_env,
+        env,
     )
+    built = [p for p in (tmp_path / "cold-cache" / "models").glob("tiny_llama-*") if p.is_dir()]
+    assert len(built) == 1 and (built[0] / "model.safetensors").is_file()
     jobs = sorted(path.name for path in sweep.iterdir() if path.is_dir())
     assert jobs == ["tiny_llama-classification-sft-s1", "tiny_llama-classification-sft-s2"]
     for job in jobs:

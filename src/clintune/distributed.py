@@ -9,11 +9,12 @@ process, so the same pipeline code runs in both."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,29 @@ def is_rank_zero() -> bool:
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
+
+
+_rank_zero_first_depth = 0
+
+
+@contextlib.contextmanager
+def rank_zero_first() -> Iterator[None]:
+    """Rank zero runs the block first (building a cache entry), the other ranks after it,
+    finding the entry done. Needed, not just tidy: transformers' ``save_pretrained`` silently
+    writes nothing on a rank other than zero. Nested uses run inline."""
+    global _rank_zero_first_depth
+    if not is_initialized() or _rank_zero_first_depth:
+        yield
+        return
+    if not is_rank_zero():
+        barrier()
+    _rank_zero_first_depth += 1
+    try:
+        yield
+    finally:
+        _rank_zero_first_depth -= 1
+        if is_rank_zero():
+            barrier()
 
 
 def broadcast_from_rank_zero(value: Any) -> Any:

@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from packaging.version import Version
 
+from clintune import distributed
 from clintune.errors import UserError
 from clintune.models.tiny import TinyModelSpec, ensure_tiny_model
 
@@ -57,7 +58,8 @@ def resolve_source(model_cfg: DictConfig, cache_dir: str | Path) -> str:
     """Hub id or local path of the base model; builds the tiny model on first use."""
     if model_cfg.get("tiny"):
         spec = TinyModelSpec(**OmegaConf.to_container(model_cfg.tiny, resolve=True))
-        return str(ensure_tiny_model(spec, Path(cache_dir) / "models"))
+        with distributed.rank_zero_first():
+            return str(ensure_tiny_model(spec, Path(cache_dir) / "models"))
     if not model_cfg.get("pretrained"):
         raise ValueError(f"model '{model_cfg.name}' sets neither model.pretrained nor model.tiny")
     return str(model_cfg.pretrained)
@@ -268,6 +270,11 @@ def merged_base_dir(model_cfg: DictConfig, checkpoint: str | Path, cache_dir: st
     (bfloat16 when unset), saved once under ``<cache_dir>/merged`` for a 4-bit load: the
     QLoRA way to start from an adapter without merging it into quantized weights. Safe under
     concurrency like the tiny-model cache: a lock, a private staging directory, one rename."""
+    with distributed.rank_zero_first():
+        return _merged_base_dir(model_cfg, checkpoint, cache_dir)
+
+
+def _merged_base_dir(model_cfg: DictConfig, checkpoint: str | Path, cache_dir: str | Path) -> Path:
     from filelock import FileLock
 
     checkpoint = Path(checkpoint)
