@@ -227,3 +227,30 @@ def test_random_generator_states_survive_a_weights_only_checkpoint_load(tmp_path
     _set_rng_state(torch.load(tmp_path / "rng.ckpt", weights_only=True)["rng"])
     assert torch.equal(torch.rand(3), expected[0])
     assert (np.random.rand(), random.random()) == expected[1:]
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_two_process_run_saves_once_and_the_rerun_resumes_on_both_ranks(
+    tmp_path: Path, run_env, cache_dir: Path
+) -> None:
+    args = [
+        *ARGS,
+        "seed=14",
+        "trainer=ddp_cpu",
+        "method.train.batch_size=4",
+        "checkpoint.every_n_steps=0",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    log = tmp_path / "run.log"
+    process = _start(args, run_env, log)
+    _wait_for(lambda: _training_started(log), "training to start", process)
+    process.send_signal(signal.SIGTERM)  # to the launcher, which passes it to its ranks
+    process.wait(timeout=300)
+    assert process.returncode == 143, log.read_text()
+    assert len(_checkpoints(cache_dir)) == 1
+    resumed = run_script("train.py", args, run_env)
+    assert "Resuming" in resumed.stdout
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["compute/sft/resumed"] == 1.0
+    assert metrics["compute/sft/optimizer_steps"] == 24  # 96 examples / (4 × 2 ranks) × 2
+    assert not _checkpoints(cache_dir)
