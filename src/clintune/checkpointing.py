@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import tempfile
 import time
 from pathlib import Path
 from types import FrameType
@@ -26,6 +25,7 @@ from torch.utils.data import DistributedSampler
 
 from clintune import distributed
 from clintune.errors import TrainingInterrupted
+from clintune.io import atomic_open
 
 LAST_CHECKPOINT = "last.ckpt"
 
@@ -37,18 +37,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_open(path) as handle:
+            torch.save(checkpoint, handle)
 
 
 class EpochSampler(DistributedSampler):

@@ -42,7 +42,7 @@ from clintune.checkpointing import (
 from clintune.compute import forward_flops, peak_memory_bytes, training_flops
 from clintune.errors import UserError, out_of_memory_message
 from clintune.eval.generation import generate_sampled
-from clintune.io import write_json_atomic
+from clintune.io import atomic_open, write_json_atomic
 from clintune.methods.dpo import precompute_reference_logps
 from clintune.methods.preferences import build_pairs
 from clintune.models.loading import (
@@ -520,11 +520,8 @@ def reference_logps_cached(
     rejected = torch.cat([shard[1] for shard in shards])
     tokens = sum(shard[2] for shard in shards)
     if distributed.is_rank_zero():
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=f".{cache_file.name}.")
-        os.close(fd)
-        torch.save({"chosen": chosen, "rejected": rejected}, tmp)
-        os.replace(tmp, cache_file)
+        with atomic_open(cache_file) as handle:
+            torch.save({"chosen": chosen, "rejected": rejected}, handle)
     return chosen, rejected, tokens, False
 
 

@@ -14,7 +14,6 @@ import importlib.metadata
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from packaging.version import Version
 
 from clintune import distributed
 from clintune.errors import UserError
+from clintune.io import build_directory_once
 from clintune.models.tiny import TinyModelSpec, ensure_tiny_model
 
 CHECKPOINT_MANIFEST = "clintune_checkpoint.json"
@@ -275,8 +275,6 @@ def merged_base_dir(model_cfg: DictConfig, checkpoint: str | Path, cache_dir: st
 
 
 def _merged_base_dir(model_cfg: DictConfig, checkpoint: str | Path, cache_dir: str | Path) -> Path:
-    from filelock import FileLock
-
     checkpoint = Path(checkpoint)
     manifest = read_checkpoint_manifest(checkpoint)
     if manifest["kind"] != "lora":
@@ -289,30 +287,16 @@ def _merged_base_dir(model_cfg: DictConfig, checkpoint: str | Path, cache_dir: s
         "adapter": _adapter_identity(checkpoint, manifest),
     }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
-    root = Path(cache_dir) / "merged"
-    root.mkdir(parents=True, exist_ok=True)
-    final_dir = root / key
-    if (final_dir / MERGED_MARKER).is_file():
-        return final_dir
-    with FileLock(str(root / f"{key}.lock")):
-        if (final_dir / MERGED_MARKER).is_file():
-            return final_dir
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}.merging-", dir=root))
-        try:
-            from peft import PeftModel
 
-            base = _base_for_checkpoint(model_cfg, source, manifest, checkpoint, dtype)
-            merged = PeftModel.from_pretrained(base, str(checkpoint)).merge_and_unload()
-            merged.save_pretrained(staging)
-            (staging / MERGED_MARKER).write_text(json.dumps(identity, indent=2))
-            del base, merged
-            if final_dir.exists():  # an incomplete leftover: never reused
-                shutil.rmtree(final_dir)
-            os.replace(staging, final_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return final_dir
+    def merge_into(staging: Path) -> None:
+        from peft import PeftModel
+
+        base = _base_for_checkpoint(model_cfg, source, manifest, checkpoint, dtype)
+        merged = PeftModel.from_pretrained(base, str(checkpoint)).merge_and_unload()
+        merged.save_pretrained(staging)
+        (staging / MERGED_MARKER).write_text(json.dumps(identity, indent=2))
+
+    return build_directory_once(Path(cache_dir) / "merged" / key, MERGED_MARKER, merge_into)
 
 
 def load_model(

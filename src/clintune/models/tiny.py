@@ -10,15 +10,12 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from clintune.io import build_directory_once
 
 BUILD_FORMAT_VERSION = 1
 COMPLETE_MARKER = "clintune_build.json"
@@ -196,28 +193,14 @@ def ensure_tiny_model(spec: TinyModelSpec, cache_dir: str | Path) -> Path:
     directory and publish it with one atomic rename, so a reader never sees a partial build
     and a killed builder leaves only a temporary directory that the next build ignores.
     """
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    key = cache_key(spec)
-    final_dir = cache_dir / key
-    if (final_dir / COMPLETE_MARKER).is_file():
-        return final_dir
-    with FileLock(str(cache_dir / f"{key}.lock")):
-        if (final_dir / COMPLETE_MARKER).is_file():
-            return final_dir
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}.building-", dir=cache_dir))
-        try:
-            files = _corpus_files(spec.corpus)
-            tokenizer = _train_tokenizer(spec, files)
-            model = _build_model(spec, tokenizer)
-            tokenizer.save_pretrained(staging)
-            model.save_pretrained(staging)
-            manifest = {"spec": asdict(spec), "num_parameters": model.num_parameters()}
-            (staging / COMPLETE_MARKER).write_text(json.dumps(manifest, indent=2))
-            if final_dir.exists():  # left by an older, incomplete layout: never reuse it
-                shutil.rmtree(final_dir)
-            os.replace(staging, final_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return final_dir
+
+    def build(staging: Path) -> None:
+        files = _corpus_files(spec.corpus)
+        tokenizer = _train_tokenizer(spec, files)
+        model = _build_model(spec, tokenizer)
+        tokenizer.save_pretrained(staging)
+        model.save_pretrained(staging)
+        manifest = {"spec": asdict(spec), "num_parameters": model.num_parameters()}
+        (staging / COMPLETE_MARKER).write_text(json.dumps(manifest, indent=2))
+
+    return build_directory_once(Path(cache_dir) / cache_key(spec), COMPLETE_MARKER, build)
