@@ -230,12 +230,16 @@ def test_random_generator_states_survive_a_weights_only_checkpoint_load(tmp_path
 
 
 @pytest.mark.slow
-def test_sigterm_to_a_two_process_run_saves_once_and_the_rerun_resumes_on_both_ranks(
-    tmp_path: Path, run_env, cache_dir: Path
+@pytest.mark.parametrize(
+    ("signum", "seed"), [(signal.SIGTERM, 14), (signal.SIGUSR2, 15)], ids=["SIGTERM", "SIGUSR2"]
+)
+def test_a_signal_to_a_two_process_run_saves_once_and_the_rerun_resumes_on_both_ranks(
+    tmp_path: Path, run_env, cache_dir: Path, signum: int, seed: int
 ) -> None:
+    """SIGTERM reaches the ranks through torch's launcher; submitit's USR2 through ours."""
     args = [
         *ARGS,
-        "seed=14",
+        f"seed={seed}",
         "trainer=ddp_cpu",
         "method.train.batch_size=4",
         "checkpoint.every_n_steps=0",
@@ -244,9 +248,10 @@ def test_sigterm_to_a_two_process_run_saves_once_and_the_rerun_resumes_on_both_r
     log = tmp_path / "run.log"
     process = _start(args, run_env, log)
     _wait_for(lambda: _training_started(log), "training to start", process)
-    process.send_signal(signal.SIGTERM)  # to the launcher, which passes it to its ranks
+    process.send_signal(signum)  # to the launching process only
     process.wait(timeout=300)
     assert process.returncode == 143, log.read_text()
+    assert f"stopped by {signal.Signals(signum).name} after saving" in log.read_text()
     assert len(_checkpoints(cache_dir)) == 1
     resumed = run_script("train.py", args, run_env)
     assert "Resuming" in resumed.stdout

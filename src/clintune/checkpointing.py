@@ -8,7 +8,6 @@ checkpoint whatever its run directory is called."""
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import time
@@ -24,7 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DistributedSampler
 
 from clintune import distributed
-from clintune.errors import TrainingInterrupted
+from clintune.errors import TrainingInterrupted, preemption_signals
 from clintune.io import atomic_open
 
 LAST_CHECKPOINT = "last.ckpt"
@@ -94,14 +93,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def _preemption_signals() -> list[int]:
-    # SIGTERM from `scancel`, Kubernetes or SLURM's preemption; submitit's own signal (USR2
-    # unless SUBMITIT_PREEMPT_SIGNAL says otherwise) arrives ahead of a time limit.
-    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
-    extra = getattr(signal, name if name.startswith("SIG") else f"SIG{name}", None)
-    return [signal.SIGTERM] + ([extra] if extra is not None else [])
-
-
 class TrainingState(Callback):
     """Saves the whole training state (weights, optimiser, scheduler, loop position, data
     order, random generators) to ``path`` every ``every_n_steps`` optimiser steps, and at the
@@ -135,7 +126,7 @@ class TrainingState(Callback):
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._last_step = trainer.global_step
         self._started = time.perf_counter()
-        for signum in _preemption_signals():
+        for signum in preemption_signals():
             self._previous_handlers[signum] = signal.getsignal(signum)
             signal.signal(signum, self._on_signal)
 
@@ -211,7 +202,7 @@ def requeue_with_submitit() -> bool:
         from submitit.core.job_environment import SignalHandler
     except ImportError:
         return False
-    for signum in _preemption_signals()[1:]:
+    for signum in preemption_signals()[1:]:
         handler = signal.getsignal(signum)
         if isinstance(getattr(handler, "__self__", None), SignalHandler):
             handler(signum, None)  # type: ignore[operator]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import tempfile
 import uuid
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from clintune.errors import TrainingInterrupted, UserError
+from clintune.errors import TrainingInterrupted, UserError, preemption_signals
 
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp", "deepspeed")
 
@@ -221,6 +222,10 @@ def launch(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path], Any
         monitor_interval=0.2,
         start_method="spawn",
     )
+    # The launcher passes SIGTERM on to the ranks itself, but not submitit's preemption signal
+    # (USR2): forward it, so the ranks save before submitit requeues the job.
+    forwarded = [signum for signum in preemption_signals() if signum != signal.SIGTERM]
+    previous = {signum: signal.signal(signum, _forward_to_ranks) for signum in forwarded}
     with tempfile.TemporaryDirectory(prefix="clintune-ranks-") as error_dir:
         try:
             results = elastic_launch(launch_config, _worker)(job, config, str(run_dir), error_dir)
@@ -233,4 +238,15 @@ def launch(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path], Any
             if messages:
                 raise UserError(messages[0].read_text()) from error
             raise
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     return results[0]
+
+
+def _forward_to_ranks(signum: int, frame: Any) -> None:
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.send_signal(signum)

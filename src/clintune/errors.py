@@ -3,6 +3,7 @@ one clear message instead of a stack trace."""
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -48,3 +49,11 @@ class TrainingInterrupted(Exception):
         )
         self.signum = signum
         self.checkpoint = checkpoint
+
+
+def preemption_signals() -> list[int]:
+    # SIGTERM from `scancel`, Kubernetes or SLURM's preemption; submitit's own signal (USR2
+    # unless SUBMITIT_PREEMPT_SIGNAL says otherwise) arrives ahead of a time limit.
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    extra = getattr(signal, name if name.startswith("SIG") else f"SIG{name}", None)
+    return [signal.SIGTERM] + ([extra] if extra is not None else [])
