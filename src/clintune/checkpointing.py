@@ -168,10 +168,10 @@ class TrainingState(Callback):
             return  # mid-accumulation: the gradients so far are not in a checkpoint
         signum = self._signal_agreed(trainer, module)
         if signum:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)
             raise TrainingInterrupted(signum, self.path)
         if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {
