@@ -135,9 +135,6 @@ class TrainingState(Callback):
             signal.signal(signum, handler)
         self._previous_handlers.clear()
 
-    def previous_handler(self, signum: int) -> Any:
-        return self._previous_handlers.get(signum)
-
     def _signal_agreed(self, trainer: L.Trainer, module: L.LightningModule) -> int:
         """The signal any rank received (0 if none): all ranks must stop at the same step.
         Lightning's own handler covers the moments before training starts."""
