@@ -180,6 +180,16 @@ def _stage_lock(work_dir: Path) -> Iterator[None]:
         lock.release()
 
 
+def _sft_cache_entry(cfg: DictConfig, key: str) -> Path:
+    """Where a finished SFT stage is published for reuse."""
+    return Path(cfg.paths.cache_dir) / "stages" / f"sft-{key}"
+
+
+def _work_dir(cfg: DictConfig, name: str) -> Path:
+    """Where a stage trains (checkpoints, best weights so far) until it finishes."""
+    return Path(cfg.paths.cache_dir) / "training" / name
+
+
 def _resume_checkpoint(cfg: DictConfig, work_dir: Path) -> Path | None:
     """The last complete checkpoint of this stage, unless ``stages.resume=false`` (which
     discards it and starts over)."""
@@ -366,8 +376,8 @@ def run_sft_stage(
     stage_prefix: str = "",
 ) -> StageResult:
     key = sft_stage_key(cfg, stage_cfg, cfg.task, splits)
-    cache_entry = Path(cfg.paths.cache_dir) / "stages" / f"sft-{key}"
-    work_dir = Path(cfg.paths.cache_dir) / "training" / f"sft-{key}"
+    cache_entry = _sft_cache_entry(cfg, key)
+    work_dir = _work_dir(cfg, f"sft-{key}")
     reuse = bool(cfg.get("stages", {}).get("reuse", True))
     with _stage_lock(work_dir):
         # Looked up under the lock: an identical job may have just finished it.
@@ -397,8 +407,7 @@ def _train_sft(
     stage_prefix: str,
     key: str,
 ) -> StageResult:
-    cache_entry = Path(cfg.paths.cache_dir) / "stages" / f"sft-{key}"
-    work_dir = Path(cfg.paths.cache_dir) / "training" / f"sft-{key}"
+    work_dir = _work_dir(cfg, f"sft-{key}")
     loaded, lineage = load_for_training(cfg.model, cfg.paths.cache_dir)
     tokenizer = loaded.tokenizer
     max_length = int(cfg.model.max_length)
@@ -445,7 +454,7 @@ def _train_sft(
         }
     )
     if distributed.is_rank_zero():
-        _publish_to_cache(work_dir / "model", metrics, cache_entry)
+        _publish_to_cache(work_dir / "model", metrics, _sft_cache_entry(cfg, key))
     _finish_stage(work_dir, out_dir)
     del module, loaded
     return StageResult(out_dir, metrics, key)
@@ -618,7 +627,7 @@ def run_dpo_stage(
             "seed": int(cfg.seed),
         }
     )[:20]
-    work_dir = Path(cfg.paths.cache_dir) / "training" / f"dpo-{key}"
+    work_dir = _work_dir(cfg, f"dpo-{key}")
     module = instantiate(
         method.module, model=policy, reference=method.reference, reference_model=reference_model
     )
