@@ -22,6 +22,7 @@ text appears in more than one split.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import re
@@ -1652,7 +1653,30 @@ def write_all(out_dir: Path, data: dict | None = None) -> list[Path]:
             with open(path, "w", encoding="utf-8", newline="\n") as fh:
                 fh.write(content)
             written.append(path)
+    manifest = out_dir / MANIFEST_NAME
+    with open(manifest, "w", encoding="utf-8", newline="\n") as fh:
+        fh.write(manifest_text(out_dir))
     return written
+
+
+# The files listed here, unchanged and at these paths, are the only ones whose text clintune
+# may log to W&B without an explicit opt-in (src/clintune/privacy.py). A copy elsewhere or an
+# edited file counts as the user's own data.
+MANIFEST_NAME = "shipped.sha256"
+
+
+def manifest_text(data_dir: Path) -> str:
+    lines = [
+        "# SHA-256 of the shipped synthetic data (python data/generate.py writes this file).",
+        "# Text from these files, unchanged and at these paths, may go to W&B; any other data",
+        "# is treated as sensitive unless a run sets task.data.contains_sensitive_text=false.",
+    ]
+    for task in TASKS:
+        for split in SPLITS:
+            relative = f"{task}/{split}.jsonl"
+            digest = hashlib.sha256((data_dir / relative).read_bytes()).hexdigest()
+            lines.append(f"{digest}  {relative}")
+    return "\n".join(lines) + "\n"
 
 
 # ---- statistics rendered into data/README.md between markers ----
@@ -1741,6 +1765,11 @@ def check(target_dir: Path, readme_path: Path | None) -> list[str]:
                     problems.append(f"missing: {committed}")
                 elif committed.read_bytes() != fresh:
                     problems.append(f"differs: {committed}")
+        committed_manifest = target_dir / MANIFEST_NAME
+        if not committed_manifest.exists():
+            problems.append(f"missing: {committed_manifest}")
+        elif committed_manifest.read_text(encoding="utf-8") != manifest_text(Path(tmp)):
+            problems.append(f"differs: {committed_manifest}")
     if readme_path is not None:
         if not readme_path.exists():
             problems.append(f"missing: {readme_path}")

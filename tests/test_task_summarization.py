@@ -38,7 +38,7 @@ def test_composes_through_the_cli(run_env: dict[str, str]) -> None:
     assert task["_target_"] == "clintune.tasks.summarization.SummarizationTask"
     assert task["name"] == "summarization"
     assert task["data"]["test"].endswith("data/summarization/test.jsonl")
-    assert task["data"]["contains_sensitive_text"] is False
+    assert task["data"]["contains_sensitive_text"] is None  # decided from the data
     assert task["cache_dir"] == cfg["paths"]["cache_dir"]
     judge = task["judge"]
     assert judge["kind"] == "local"

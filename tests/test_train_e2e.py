@@ -64,7 +64,7 @@ def test_short_sft_run_writes_the_run_directory(model: str, tmp_path: Path, run_
     for key in test_keys | {k for k in metrics if k.startswith("compute/")}:
         assert run.summary[key] == pytest.approx(metrics[key]), key
     assert any("train/loss" in row for row in run.history)
-    assert "test/predictions" in run.tables  # synthetic data is marked non-sensitive
+    assert "test/predictions" in run.tables  # the shipped synthetic data, unchanged
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from clintune.errors import UserError, require_accelerator
 from clintune.eval.runner import EvalResult, generate_outputs, score_outputs
 from clintune.io import write_json_atomic, write_jsonl_atomic
 from clintune.models.loading import load_model, read_checkpoint_manifest
+from clintune.privacy import text_policy
 from clintune.stages import (
     StageResult,
     fingerprint,
@@ -166,8 +167,18 @@ def run(
             splits[split] = splits[split][: int(limit)]
     # Only rank zero writes: files, the W&B run, the console summary.
     writer = distributed.is_rank_zero()
+    policy = text_policy(task.data, list(splits))
+    if writer and not policy.may_log_text and cfg.logger.get("backend") == "wandb":
+        log.info(policy.withheld_message())
     wandb_run = (
-        start_wandb(cfg, run_dir, job_type="train" if trains else "evaluate") if writer else None
+        start_wandb(
+            cfg,
+            run_dir,
+            job_type="train" if trains else "evaluate",
+            capture_console=policy.may_log_text,
+        )
+        if writer
+        else None
     )
     failed = True
     try:
@@ -193,7 +204,7 @@ def run(
                 metrics,
                 result.predictions,
                 result.inputs,
-                sensitive=task.contains_sensitive_text,
+                may_log_text=policy.may_log_text,
             )
         headline = f"test/{task.headline_metric}"
         print(f"\nResults in {run_dir}")

@@ -1,5 +1,6 @@
-"""Weights & Biases, offline unless asked otherwise. Only numbers and configs are sent by
-default; text (inputs, outputs) goes into a W&B table only for data marked non-sensitive."""
+"""Weights & Biases, offline unless asked otherwise. Numbers, ids and configs always go; text
+(inputs, outputs, targets, judge outputs, console lines) only when ``clintune.privacy`` allows
+it for every split of the run."""
 
 from __future__ import annotations
 
@@ -18,7 +19,11 @@ def wandb_mode(logger_cfg: DictConfig) -> str:
     return os.environ.get("WANDB_MODE") or "offline"
 
 
-def start_wandb(cfg: DictConfig, run_dir: Path, job_type: str) -> Any | None:
+def start_wandb(
+    cfg: DictConfig, run_dir: Path, job_type: str, *, capture_console: bool = False
+) -> Any | None:
+    """``capture_console`` off keeps stdout/stderr out of the run: a warning or a data error
+    may quote the data. The console is still in Hydra's log file in the run directory."""
     if cfg.logger.get("backend") != "wandb":
         return None
     import wandb
@@ -35,6 +40,7 @@ def start_wandb(cfg: DictConfig, run_dir: Path, job_type: str) -> Any | None:
         mode=wandb_mode(logger_cfg),
         config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
         reinit="finish_previous",
+        settings=wandb.Settings(console="auto" if capture_console else "off"),
     )
 
 
@@ -44,12 +50,12 @@ def log_results(
     predictions: list[dict[str, Any]],
     inputs: list[str],
     *,
-    sensitive: bool,
+    may_log_text: bool,
 ) -> None:
     import wandb
 
     run.summary.update(metrics)
-    if sensitive:
+    if not may_log_text:
         return
     columns = ["id", "input", "output", "prediction", "target"]
     extra = [key for key in predictions[0] if key not in columns] if predictions else []

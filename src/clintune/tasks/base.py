@@ -17,7 +17,7 @@ SPLITS = ("train", "val", "test")
 
 class Task(ABC):
     """Base class. ``data`` holds the split paths, a ``field_map`` and the
-    ``contains_sensitive_text`` flag (true unless the data is marked otherwise)."""
+    ``contains_sensitive_text`` flag (see ``clintune.privacy``)."""
 
     #: the metric printed at the end of a run and used to rank runs
     headline_metric: ClassVar[str]
@@ -35,11 +35,6 @@ class Task(ABC):
         self.data = OmegaConf.create(data) if isinstance(data, dict) else data
         self.instruction = instruction.strip()
         self.max_new_tokens = int(max_new_tokens)
-
-    @property
-    def contains_sensitive_text(self) -> bool:
-        # Anything not explicitly marked as free of sensitive text is treated as sensitive.
-        return self.data.get("contains_sensitive_text", True) is not False
 
     @abstractmethod
     def schema(self) -> dict[str, FieldSpec]:
