@@ -248,14 +248,50 @@ def test_classification_labels_follow_rule_on_val_test(generated, committed):
             assert gen.classification_rule(meta["findings"]) == record["label"], record["id"]
 
 
+# Polarity cues of a symptom sentence, owned by the test (not read from the generator's
+# templates), so a generator that writes "Denies dysuria." for a present finding is caught.
+DENIED_CUE = re.compile(r"^(?:(?:specifically )?denies|no|negative for)\b", re.IGNORECASE)
+PRESENT_CUE = re.compile(
+    r"^(?:reports|endorses|complains of|positive for|notes|has had)\b", re.IGNORECASE
+)
+
+
+def _documented_symptoms(text: str) -> dict[str, set[str]]:
+    """{"present": symptoms, "denied": symptoms} as the note's sentences state them."""
+    documented: dict[str, set[str]] = {"present": set(), "denied": set()}
+    # Sentences end in ". " ("T 37.2 C" and "1.020" have no space after their dot).
+    for sentence in re.split(r"(?<=\.)\s+", text):
+        mentioned = {
+            symptom
+            for symptom, phrases in gen._SYMPTOM_PHRASES.items()
+            if any(re.search(rf"\b{re.escape(p)}\b", sentence) for p in phrases)
+        }
+        if not mentioned:
+            continue
+        denied, present = DENIED_CUE.match(sentence), PRESENT_CUE.match(sentence)
+        assert bool(denied) != bool(present), f"no clear polarity: {sentence!r} in {text!r}"
+        documented["denied" if denied else "present"] |= mentioned
+    return documented
+
+
+def test_symptom_templates_have_the_polarity_of_their_list():
+    for template in gen._PRESENT_TEMPLATES:
+        assert PRESENT_CUE.match(template) and not DENIED_CUE.match(template), template
+    for template in gen._NEGATED_TEMPLATES:
+        assert DENIED_CUE.match(template) and not PRESENT_CUE.match(template), template
+
+
 def test_classification_findings_are_consistent_with_text(generated):
-    # The surface text must actually document the findings the label was derived from.
+    # The surface text must actually document the findings the label was derived from, each
+    # symptom with its polarity: a present one only in a positive phrasing ("Reports
+    # dysuria."), a negated one only in a denial ("Denies dysuria."), and no other symptom.
     for split in gen.SPLITS:
         for record, meta in generated["classification"][split]:
             f, text = meta["findings"], record["text"]
             assert not set(f["symptoms_present"]) & set(f["symptoms_negated"])
-            for symptom in f["symptoms_present"] + f["symptoms_negated"]:
-                assert any(p in text for p in gen._SYMPTOM_PHRASES[symptom]), (symptom, text)
+            documented = _documented_symptoms(text)
+            assert documented["present"] == set(f["symptoms_present"]), (f, text)
+            assert documented["denied"] == set(f["symptoms_negated"]), (f, text)
             wbc = f["urine_wbc_per_hpf"]
             if wbc is None:
                 assert "WBC" not in text, text

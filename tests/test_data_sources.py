@@ -115,6 +115,34 @@ def test_leakage_fails_loudly_unless_downgraded(cache_dir: Path) -> None:
     assert check_leakage(task, splits) == ["z9"]
 
 
+@pytest.mark.parametrize(
+    ("val_example", "leaked_id"),
+    [
+        ({"id": "t2", "text": "Cough, urinalysis normal.", "label": "no"}, "t2"),  # same id
+        ({"id": "v1", "text": "Nitrite POSITIVE,  dysuria", "label": "yes"}, "t3"),  # same text
+    ],
+    ids=["same-id", "same-normalised-text"],
+)
+def test_leakage_into_val_only_is_caught(
+    cache_dir: Path, val_example: dict[str, str], leaked_id: str
+) -> None:
+    # Train is clean: only val shares the test example, so the "or val" half must catch it.
+    task = _task([], cache_dir)
+    splits = {
+        "train": [{"id": "t1", "text": "Dysuria.", "label": "yes"}],
+        "val": [val_example],
+        "test": [
+            {"id": "t2", "text": "Flank pain only.", "label": "no"},
+            {"id": "t3", "text": "nitrite positive, dysuria", "label": "yes"},
+        ],
+    }
+    assert find_leakage(splits["train"], splits["test"], task.input_text) == []
+    with pytest.raises(LeakageError, match="1 test example"):
+        check_leakage(task, splits)
+    task.data.allow_leakage = True
+    assert check_leakage(task, splits) == [leaked_id]
+
+
 @pytest.mark.slow
 def test_leakage_through_train_py(tmp_path: Path, run_env) -> None:
     data = REPO / "data" / "classification"

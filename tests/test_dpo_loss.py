@@ -325,3 +325,68 @@ def test_sigmoid_gradient_by_hand(beta: float) -> None:
     expected = -beta * torch.sigmoid(-beta * delta)
     torch.testing.assert_close(pc.grad, expected, atol=1e-12, rtol=0)
     torch.testing.assert_close(pr.grad, -expected, atol=1e-12, rtol=0)
+
+
+# --------------------------------------------------------------------------- logits/* vs TRL
+
+LOGITS_PAIRS = [
+    ("Criteria met? dysuria, nitrite positive", "yes", "no"),
+    ("Criteria met? " + "cough and fever, urinalysis negative. " * 3, "no", "yes, they are met"),
+    ("Hi", "provider: nurse; urgency: routine", "no"),
+]
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_logits_metrics_match_trl_on_the_same_batch(tiny_models, share_prompt: bool) -> None:
+    """``logits/chosen`` and ``logits/rejected`` by TRL 1.16's own definition: its fused LM
+    head's per-token mean logit (over the vocabulary), averaged over all completion tokens of
+    the batch's chosen (rejected) rows. TRL's ``_compute_loss`` runs on the same tiny model
+    and batch, its metrics collected by the stand-in trainer above."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from clintune.methods.dpo import DPOModule
+    from clintune.tokenization import collate_pairs, collate_pairs_shared_prompt, encode_pair
+
+    loaded = tiny_models["tiny_llama"]
+    tokenizer, pad = loaded.tokenizer, loaded.tokenizer.pad_token_id
+    pairs = [
+        encode_pair(tokenizer, [{"role": "user", "content": prompt}], chosen, rejected, 256)
+        for prompt, chosen, rejected in LOGITS_PAIRS
+    ]
+    concatenated = collate_pairs(pairs, pad)
+    zeros = torch.zeros(len(pairs))
+
+    def fresh_model() -> torch.nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(loaded.source, dtype=torch.float32)
+        return model.eval()
+
+    ours = DPOModule(fresh_model(), learning_rate=1e-3).eval()
+    batch = collate_pairs_shared_prompt(pairs, pad) if share_prompt else concatenated
+    with torch.no_grad():
+        metrics = ours.pair_losses(
+            {**batch, "ref_chosen_logps": zeros, "ref_rejected_logps": zeros}
+        )
+
+    trl_model = fresh_model()
+    add_fused_lm_head(trl_model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    trainer = _stand_in_trainer(trl_model, beta=0.1, loss_type="sigmoid", label_smoothing=0.0)
+    completion_mask = (concatenated["labels"] != IGNORE_INDEX).long()
+    inputs = {
+        "input_ids": concatenated["input_ids"],
+        "attention_mask": concatenated["attention_mask"],
+        "completion_mask": completion_mask,
+        "ref_chosen_logps": zeros,
+        "ref_rejected_logps": zeros,
+    }
+    with torch.no_grad():
+        DPOTrainer._compute_loss(trainer, trl_model, inputs, return_outputs=False)
+    trl = {name: values[-1] for name, values in trainer._metrics["eval"].items()}
+
+    # The same log-probs first: both sides really scored the same completions.
+    assert float(metrics["logps/chosen"].mean()) == pytest.approx(trl["logps/chosen"], abs=1e-4)
+    for name in ("logits/chosen", "logits/rejected"):
+        # The random tiny model's mean logits are small (~5e-3): a relative tolerance.
+        assert float(metrics[name]) == pytest.approx(trl[name], rel=1e-5, abs=1e-9), name
+    # The two metrics differ here, so a swap of chosen and rejected would fail.
+    assert abs(trl["logits/chosen"] - trl["logits/rejected"]) > 1e-4

@@ -3,19 +3,27 @@ the Likert aggregation with missing grades, and the lazily built judge."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from conftest import compose_train, run_script
 from hydra.utils import instantiate
+from scipy import stats
 
 from clintune.eval import judge as judge_module
-from clintune.eval.judge import Judge, JudgeItem
-from clintune.tasks.summarization import EMPTY_SUMMARY_GRADE, SummarizationTask, rouge_l
+from clintune.eval.judge import Judge, JudgeItem, parse_grade
+from clintune.tasks.summarization import (
+    EMPTY_SUMMARY_GRADE,
+    EMPTY_SUMMARY_NOTE,
+    SummarizationTask,
+    rouge_l,
+)
 
 NO_JUDGE = {"kind": "none"}
 
@@ -188,13 +196,131 @@ def test_score_with_the_real_tiny_judge(cache_dir: Path) -> None:
     metrics, scores = task.score(examples, predictions, golds)
     assert len(scores) == 4
     assert scores[0]["rougeL"] == pytest.approx(1.0)
+    # The empty summary is graded without asking the judge, and says so in the audit trail.
     assert scores[2] == {
         "rougeL": 0.0,
         "likert": EMPTY_SUMMARY_GRADE,
-        "judge_output": scores[2]["judge_output"],
+        "judge_output": EMPTY_SUMMARY_NOTE,
     }
-    for score in scores:
-        assert score["likert"] is None or score["likert"] in range(1, 6)
-        assert isinstance(score["judge_output"], str)
+    asked = [score for position, score in enumerate(scores) if position != 2]
+    # Whatever the random judge said, the grade is what the parser reads in it: none made up.
+    assert [score["likert"] for score in asked] == [
+        parse_grade(score["judge_output"]) for score in asked
+    ]
+    assert all(score["judge_output"] != EMPTY_SUMMARY_NOTE for score in asked)
     assert metrics["likert_graded"] + metrics["likert_missing"] == 4.0
     assert set(metrics) == {"rougeL", "likert_mean", "likert_graded", "likert_missing"}
+
+
+# --------------------------------------------------------------------------- a judge that grades
+
+
+class ScriptedAnswers:
+    """Makes a real causal LM give a scripted answer to each judge prompt. A forward hook
+    overwrites the logits of the last position, so that greedy decoding picks the answer's
+    next token (then end-of-turn); everything around the model (the judge's prompt building,
+    batched generation, decoding, grade parsing) runs for real. The answer is looked up by the
+    summary the prompt asks about, so a prompt that lost or swapped its summary fails."""
+
+    def __init__(self, model: Any, tokenizer: Any, answers: dict[str, str]) -> None:
+        self.tokenizer = tokenizer
+        self.answers = answers
+        self.asked: list[str] = []
+        self.scripts: list[list[int]] = []
+        self.step = 0
+        model.register_forward_hook(self.force_next_token, with_kwargs=True)
+
+    def script(self, prompt_ids: list[int]) -> list[int]:
+        prompt = self.tokenizer.decode(prompt_ids, skip_special_tokens=True)
+        summary = prompt.split("Summary to grade:", 1)[1].split("\n", 1)[0].strip()
+        self.asked.append(summary)
+        answer = self.tokenizer(self.answers[summary], add_special_tokens=False)["input_ids"]
+        return [*answer, self.tokenizer.eos_token_id]
+
+    def force_next_token(
+        self, module: Any, args: tuple, kwargs: dict[str, Any], output: Any
+    ) -> Any:
+        input_ids = kwargs["input_ids"]
+        if input_ids.size(1) > 1:  # the whole prompt: a new generate() call starts
+            self.scripts = [self.script(row) for row in input_ids.tolist()]
+            self.step = 0
+        else:  # one new token per step, the KV cache holding the rest
+            self.step += 1
+        forced = torch.full_like(output.logits[:, -1, :], -1e4)
+        for row, script in enumerate(self.scripts):
+            forced[row, script[min(self.step, len(script) - 1)]] = 0.0
+        output.logits[:, -1, :] = forced
+        return output
+
+
+# Summaries of two runs on the same six notes, and the judge's answer to each.
+CONTROL = {
+    "54M with chest pain; angina; start aspirin.": "4",
+    "Patient seen.": "Score: 2",
+    "Cough, maybe bronchitis.": "3 or 4",  # two numbers: no grade
+    "": "",  # empty: graded 1 without asking the judge
+    "Rash.": "2",
+    "40F with cough; bronchitis; fluids and rest.": "3",
+}
+TREATMENT = {
+    "54-year-old man with exertional chest pain, angina, started on aspirin.": "5",
+    "Adult with a cough; viral bronchitis; supportive care.": "4",
+    "Cough with fever, bronchitis, fluids.": "4",
+    "Woman with dysuria, UTI, nitrofurantoin.": "**5**",
+    "Contact dermatitis on the hands; topical steroid.": "4/5",
+    "The summary.": "I cannot tell",  # no number: no grade
+}
+
+
+def test_grades_of_a_local_judge_model_reach_the_likert_metrics_and_the_wilcoxon_test(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from clintune.eval.runner import score_outputs
+    from clintune.eval.significance import compare, wilcoxon_signed_rank
+    from clintune.models import loading
+
+    judges: list[ScriptedAnswers] = []
+    real_load_model = loading.load_model
+
+    def load_scripted_judge(*args: Any, **kwargs: Any) -> Any:
+        loaded = real_load_model(*args, **kwargs)
+        judges.append(ScriptedAnswers(loaded.model, loaded.tokenizer, {**CONTROL, **TREATMENT}))
+        return loaded
+
+    monkeypatch.setattr(loading, "load_model", load_scripted_judge)
+    cfg = compose_train(["task=summarization", "task.judge.batch_size=4"], cache_dir)
+    task = instantiate(cfg.task, _convert_="partial")
+    examples = task.load_split("test")[:6]
+    runs = {}
+    for name, answers in (("control", CONTROL), ("treatment", TREATMENT)):
+        result = score_outputs(task, examples, list(answers), bootstrap={"samples": 20})
+        # Through JSON, as the report reads the runs' predictions.jsonl.
+        runs[name] = (result.metrics, json.loads(json.dumps(result.predictions)))
+
+    # One local judge model per scored run, asked once about every non-empty summary (in
+    # the batches' length order: the grades must come back in the examples' order).
+    assert len(judges) == 2
+    assert sorted(judges[0].asked) == sorted(summary for summary in CONTROL if summary)
+    assert sorted(judges[1].asked) == sorted(TREATMENT)
+    assert judges[1].asked != list(TREATMENT)
+
+    control_metrics, control_rows = runs["control"]
+    treatment_metrics, treatment_rows = runs["treatment"]
+    assert [row["likert"] for row in control_rows] == [4, 2, None, EMPTY_SUMMARY_GRADE, 2, 3]
+    assert [row["likert"] for row in treatment_rows] == [5, 4, 4, 5, 4, None]
+    assert [row["judge_output"] for row in treatment_rows] == list(TREATMENT.values())
+    # Means over the graded summaries only; the missing grade is counted, not filled in.
+    assert control_metrics["likert_mean"] == pytest.approx((4 + 2 + 1 + 2 + 3) / 5)
+    assert control_metrics["likert_graded"] == 5.0 and control_metrics["likert_missing"] == 1.0
+    assert treatment_metrics["likert_mean"] == pytest.approx((5 + 4 + 4 + 5 + 4) / 5)
+    assert treatment_metrics["likert_graded"] == 5.0
+    assert treatment_metrics["likert_missing"] == 1.0
+    assert treatment_metrics["likert_mean_n"] == 5.0
+
+    # The report's paired test: Wilcoxon on the four notes graded in both runs.
+    outcome = compare("likert_mean", control_rows, treatment_rows)
+    assert outcome == wilcoxon_signed_rank([4, 2, None, 1, 2, 3], [5, 4, 4, 5, 4, None])
+    assert (outcome.n, outcome.n_dropped) == (4, 2)
+    assert outcome.effect == pytest.approx((5 + 4 + 5 + 4) / 4 - (4 + 2 + 1 + 2) / 4)
+    expected = stats.wilcoxon([5, 4, 5, 4], [4, 2, 1, 2], zero_method="pratt")
+    assert outcome.p_value == pytest.approx(expected.pvalue)
