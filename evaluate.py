@@ -15,13 +15,16 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    from clintune.errors import UserError
-    from clintune.pipeline import evaluate_checkpoint
+    from clintune.errors import UserError, print_user_error
+    from clintune.settings import settings_from
 
     try:
+        settings_from(cfg)  # before torch loads; a run directory's own config is checked later
+        from clintune.pipeline import evaluate_checkpoint
+
         evaluate_checkpoint(cfg, Path(HydraConfig.get().runtime.output_dir))
     except UserError as error:  # the user's to fix: a message, not a stack trace
-        print(f"error: {error}", file=sys.stderr)
+        print_user_error(error)
         sys.exit(1)
 
 

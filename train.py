@@ -15,12 +15,21 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    from clintune.errors import UserError, print_user_error
+    from clintune.settings import settings_from
+
+    try:
+        # Before torch and Lightning are even imported: a typo costs a second, not a stage.
+        settings_from(cfg)
+    except UserError as error:
+        print_user_error(error)
+        sys.exit(1)
+
     from functools import partial
 
     from hydra.types import RunMode
 
     from clintune.distributed import launch
-    from clintune.errors import UserError
     from clintune.jobs import run_job
     from clintune.pipeline import run
 
@@ -34,7 +43,7 @@ def main(cfg: DictConfig) -> None:
             job=partial(launch, job=run),
         )
     except UserError as error:  # the user's to fix: a message, not a stack trace
-        print(f"error: {error}", file=sys.stderr)
+        print_user_error(error)
         sys.exit(1)
 
 

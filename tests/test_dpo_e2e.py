@@ -156,8 +156,10 @@ def test_sft_stage_is_reused_and_a_half_written_entry_is_not(runs: Runs, cache_d
     assert again["compute/tokens"] == pytest.approx(
         again["compute/sft/tokens"] + again["compute/dpo/tokens"]
     )
-    assert not (again_dir / "sft_model").exists()
-    assert _manifest(again_dir / "model")["init_from"] == str(entry / "model")
+    # Every stage leaves its weights in its own output directory, reused or not: the run
+    # directory holds the SFT weights it started from (hard links into the cache entry).
+    assert _manifest(again_dir / "sft_model") == _manifest(entry / "model")
+    assert _manifest(again_dir / "model")["init_from"] == str(again_dir / "sft_model")
     # Same SFT weights and pairs: the reference log-probs come from their cache too.
     assert again["compute/dpo/reference_cache_hits"] == 2
     assert again["compute/dpo/reference_tokens"] == 0

@@ -4,6 +4,7 @@ the last good weights intact, and the logged metrics carry TRL's names."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -16,15 +17,16 @@ from conftest import compose_train
 from peft import LoraConfig, TaskType, get_peft_model
 from torch.utils.data import DataLoader
 
+from clintune.checkpointing import SaveWeights
 from clintune.methods.dpo import DPOModule, adapter_disabled, precompute_reference_logps
+from clintune.methods.losses import DPO_LOSS_TYPES, dpo_loss
 from clintune.models.loading import (
     CHECKPOINT_MANIFEST,
     load_for_training,
     load_model,
     save_trained,
 )
-from clintune.stages import SaveWeights
-from clintune.tokenization import EncodedPair, collate_pairs, encode_pair
+from clintune.tokenization import IGNORE_INDEX, EncodedPair, collate_pairs, encode_pair
 
 TOL = 1e-5
 INSTRUCTION = "Does this note meet the UTI criteria? Answer yes or no."
@@ -319,3 +321,48 @@ def test_logged_metrics_carry_trl_names(llama) -> None:
     assert float(logged["train/rewards/margins"]) == pytest.approx(float(margin), abs=1e-5)
     assert trainer.global_step == 3
     assert module.tokens_trained > 0 and module.reference_tokens == 0
+
+
+def test_each_loss_type_trains_on_the_loss_it_names(llama) -> None:
+    """One real training step per loss type: the logged loss is ``dpo_loss`` of that type on
+    the same log-probs, and the types give different losses, so a loss_type that does not
+    reach the loss (or reaches the wrong branch) fails."""
+    batch = _batch(llama.tokenizer)  # the four pairs in one batch
+    chosen, rejected = _row_logps(_base(llama.source), batch).chunk(2)  # before the step
+    lengths = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
+    chosen_lengths, rejected_lengths = lengths.chunk(2)
+    assert not torch.equal(chosen_lengths, rejected_lengths)  # IPO's normalisation shows
+    # A reference away from the policy, so that the margins are not zero: beta * margin =
+    # -0.75 * offsets, of both signs and all below 1 (hinge's loss is not cut to zero).
+    offsets = torch.tensor([0.7, -1.3, 2.1, -0.4])
+    ref_chosen, ref_rejected = chosen + offsets, rejected - 0.5 * offsets
+    batch = {**batch, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+    label_smoothing = 0.2  # cDPO for sigmoid; robust differs from sigmoid only when it is > 0
+
+    logged: dict[str, float] = {}
+    for loss_type in DPO_LOSS_TYPES:
+        module = _module(
+            _base(llama.source),
+            reference="precompute",
+            loss_type=loss_type,
+            label_smoothing=label_smoothing,
+        )
+        trainer = _trainer(1)
+        trainer.fit(module, DataLoader([batch], batch_size=None))
+        assert trainer.global_step == 1
+        logged[loss_type] = float(trainer.callback_metrics["train/loss"])
+        expected, _, _ = dpo_loss(
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            beta=0.5,
+            loss_type=loss_type,
+            label_smoothing=label_smoothing,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+        )
+        assert logged[loss_type] == pytest.approx(float(expected.mean()), abs=TOL, rel=TOL)
+    assert set(logged) >= {"ipo", "hinge", "robust"}
+    values = sorted(logged.values())
+    assert min(b - a for a, b in itertools.pairwise(values)) > 1e-2, logged

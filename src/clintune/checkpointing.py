@@ -20,11 +20,13 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import FSDPStrategy
 from torch.utils.data import DistributedSampler
 
 from clintune import distributed
 from clintune.errors import TrainingInterrupted, preemption_signals
 from clintune.io import atomic_open
+from clintune.models.loading import save_trained
 
 LAST_CHECKPOINT = "last.ckpt"
 
@@ -205,3 +207,69 @@ def requeue_with_submitit() -> bool:
             handler(signum, None)  # type: ignore[operator]
             return True
     return False
+
+
+class SaveWeights(Callback):
+    """Keeps the best (lowest monitored value) or last weights in Hugging Face format: full
+    weights, or only the adapter under LoRA. The previous good save stays until a new one is
+    complete, so a crash or a NaN stop leaves the last good weights intact."""
+
+    def __init__(
+        self,
+        dirpath: Path,
+        tokenizer: Any,
+        *,
+        monitor: str,
+        save: str,
+        info: dict[str, Any],
+        extra_dirs: dict[str, Path] | None = None,
+    ) -> None:
+        if save not in {"best", "last"}:
+            raise ValueError(f"method.save must be 'best' or 'last', got {save!r}")
+        self.dirpath = dirpath
+        self.tokenizer = tokenizer
+        self.monitor = monitor
+        self.save = save
+        self.info = info
+        self.extra_dirs = extra_dirs or {}
+        self.best: float | None = None
+        self.saved_step: int | None = None
+
+    def _write(self, trainer: L.Trainer, module: L.LightningModule, value: float | None) -> None:
+        state_dict = None
+        if isinstance(trainer.strategy, FSDPStrategy):
+            # Sharded parameters: every rank takes part in gathering the full weights.
+            full = trainer.strategy.lightning_module_state_dict()
+            state_dict = {k.removeprefix("model."): v for k, v in full.items()}
+        if trainer.is_global_zero:
+            info = {**self.info, "step": trainer.global_step, self.monitor: value}
+            save_trained(
+                module.model, self.tokenizer, self.dirpath, info, self.extra_dirs, state_dict
+            )
+        self.saved_step = trainer.global_step
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.save != "best":
+            return
+        metric = trainer.callback_metrics.get(self.monitor)
+        if metric is None or not torch.isfinite(metric):
+            return
+        value = float(metric)
+        if self.best is None or value < self.best:
+            self.best = value
+            self._write(trainer, module, value)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self.save == "last" or self.saved_step is None:
+            self._write(trainer, module, None)
+
+    @property
+    def best_or_nan(self) -> float:
+        """The best monitored value seen (NaN before any validation)."""
+        return float(self.best) if self.best is not None else float("nan")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "saved_step": self.saved_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.saved_step = state["best"], state["saved_step"]

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import resource
 import sys
+from typing import Any
 
 import torch
+
+from clintune import distributed
+from clintune.models.loading import count_parameters
 
 
 def training_flops(total_params: int, trainable_params: int, tokens: int) -> float:
@@ -29,3 +33,54 @@ def peak_memory_bytes() -> int:
         return int(torch.cuda.max_memory_allocated())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def stage_compute(
+    stage: str,
+    seconds: float,
+    module: Any,
+    model: torch.nn.Module,
+    steps: int,
+    reference_tokens: int = 0,
+) -> dict[str, float]:
+    """A stage's ``compute/<stage>/…`` figures, summed (tokens) or maxed (memory) over ranks."""
+    total, trainable = count_parameters(model)
+    # Every rank counts its own share of the data.
+    tokens = sum(distributed.gather_to_all(int(module.tokens_trained)))
+    padding = sum(distributed.gather_to_all(int(module.padding_tokens_trained)))
+    peak = max(distributed.gather_to_all(peak_memory_bytes()))
+    return {
+        f"compute/{stage}/train_seconds": seconds,
+        f"compute/{stage}/tokens": float(tokens),
+        f"compute/{stage}/padding_tokens": float(padding),
+        f"compute/{stage}/reference_tokens": float(reference_tokens),
+        f"compute/{stage}/flops_estimate": training_flops(total, trainable, tokens)
+        + forward_flops(total, reference_tokens),
+        f"compute/{stage}/optimizer_steps": float(steps),
+        f"compute/{stage}/parameters": float(total),
+        f"compute/{stage}/trainable_parameters": float(trainable),
+        f"compute/{stage}/peak_memory_bytes": float(peak),
+        f"compute/{stage}/processes": float(distributed.world_size()),
+    }
+
+
+def total_compute(metrics: dict[str, float], stages: list[str]) -> dict[str, float]:
+    """Totals over the stages a method ran (a reused stage counts: its cost was paid)."""
+    totals: dict[str, float] = {}
+    for figure in (
+        "train_seconds",
+        "tokens",
+        "padding_tokens",
+        "reference_tokens",
+        "flops_estimate",
+    ):
+        totals[f"compute/{figure}"] = sum(metrics.get(f"compute/{s}/{figure}", 0.0) for s in stages)
+    peaks = [metrics.get(f"compute/{s}/peak_memory_bytes", 0.0) for s in stages]
+    totals["compute/stage_peak_memory_bytes"] = max(peaks) if peaks else 0.0
+    if stages:
+        last = stages[-1]
+        totals["compute/parameters"] = metrics.get(f"compute/{last}/parameters", 0.0)
+        totals["compute/trainable_parameters"] = metrics.get(
+            f"compute/{last}/trainable_parameters", 0.0
+        )
+    return totals

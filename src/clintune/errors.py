@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 
 
 class UserError(Exception):
     """Something about the user's config, data or machine, explained in its message."""
+
+
+def print_user_error(error: UserError) -> None:
+    """One ``error:`` line per problem, on stderr."""
+    for line in str(error).splitlines() or [type(error).__name__]:
+        print(f"error: {line}", file=sys.stderr)
 
 
 def require_accelerator(accelerator: str) -> None:

@@ -1,8 +1,10 @@
-"""Crash-safe file writes: a reader sees the old file or the new one, never half of one."""
+"""Crash-safe file writes (a reader sees the old file or the new one, never half of one),
+build-once directories, and the content hashes that key caches and jobs."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -13,6 +15,29 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from filelock import FileLock
+
+
+def content_hash(payload: Any, length: int = 20) -> str:
+    """The key of everything that decides a result (a job, a stage, a reference pass, a
+    merge): SHA-256 of its canonical JSON, cut to ``length`` hex digits."""
+    canonical = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:length]
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def link_or_copy(source: str, destination: str) -> None:
+    """``shutil.copytree``'s copy function for immutable files: a hard link where possible."""
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> None:

@@ -3,9 +3,9 @@ tests and sweeps call it directly)."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
-import shutil
 import time
 from functools import partial
 from pathlib import Path
@@ -16,90 +16,65 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from clintune import distributed
-from clintune.compute import peak_memory_bytes
+from clintune import distributed, rundir
+from clintune.compute import peak_memory_bytes, total_compute
+from clintune.console import quiet_console
 from clintune.errors import UserError, require_accelerator
 from clintune.eval.runner import EvalResult, generate_outputs, score_outputs
 from clintune.io import write_json_atomic, write_jsonl_atomic
 from clintune.models.loading import load_model, read_checkpoint_manifest
 from clintune.privacy import text_policy
+from clintune.settings import ConfigError, DPOSettings, EvalSettings, SFTSettings, settings_from
 from clintune.stages import (
+    StageContext,
     StageResult,
-    fingerprint,
-    link_or_copy,
-    manifest_of,
     run_dpo_stage,
     run_sft_stage,
-    total_compute,
+    start_from_checkpoint,
 )
-from clintune.tasks.base import Task
+from clintune.tasks.base import Task, headline_record
 from clintune.tasks.data import find_leakage
 from clintune.tracking import finish_wandb, log_results, start_wandb
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_DIR = "model"
 
-
-def _train(
-    cfg: DictConfig,
-    task: Task,
-    splits: dict[str, list[dict[str, Any]]],
-    run_dir: Path,
-    wandb_run: Any | None,
-) -> dict[str, float]:
-    """Run the method's stages; leaves the final weights in ``run_dir/model``."""
-    method = cfg.method
-    kind = method.get("kind", "sft")
+def _train(ctx: StageContext) -> dict[str, float]:
+    """Run the method's stages; the last leaves the final weights in ``run_dir/model``."""
+    method, weights = ctx.settings.method, ctx.run_dir / rundir.WEIGHTS
     metrics: dict[str, float] = {}
     stages: list[str] = []
-    if kind == "sft":
-        result = run_sft_stage(cfg, method, task, splits, run_dir, run_dir / WEIGHTS_DIR, wandb_run)
-        if result.weights != run_dir / WEIGHTS_DIR and distributed.is_rank_zero():
-            # Reused from the cache: the run directory still gets its own weights.
-            shutil.copytree(result.weights, run_dir / WEIGHTS_DIR, copy_function=link_or_copy)
-        distributed.barrier()
-        metrics.update(result.metrics)
+    if isinstance(method, SFTSettings):
+        metrics.update(run_sft_stage(ctx, method, weights).metrics)
         stages.append("sft")
-    elif kind == "dpo":
+    elif isinstance(method, DPOSettings):
         init: StageResult | None = None
-        if method.get("init_from"):
-            weights = Path(str(method.init_from))
-            init = StageResult(
-                weights, {}, fingerprint([str(weights.resolve()), manifest_of(weights)])
-            )
-        elif method.get("sft") is not None:
-            init = run_sft_stage(
-                cfg,
-                method.sft,
-                task,
-                splits,
-                run_dir,
-                run_dir / "sft_model",
-                wandb_run,
-                stage_prefix="sft",
-            )
+        if method.init_from is not None:
+            init = start_from_checkpoint(Path(method.init_from))
+        elif method.sft is not None:
+            sft_weights = ctx.run_dir / rundir.SFT_WEIGHTS
+            init = run_sft_stage(ctx, method.sft, sft_weights, stage_prefix="sft")
             metrics.update(init.metrics)
             stages.append("sft")
-        gc.collect()
-        result = run_dpo_stage(cfg, task, splits, init, run_dir, wandb_run)
-        metrics.update(result.metrics)
+        metrics.update(run_dpo_stage(ctx, method, init, weights).metrics)
         stages.append("dpo")
-    else:
-        raise ValueError(f"method.kind must be sft or dpo, got {kind!r}")
     metrics.update(total_compute(metrics, stages))
     return metrics
 
 
 def _evaluate(
-    cfg: DictConfig, task: Task, test: list[dict[str, Any]], checkpoint: Path | None
+    cfg: DictConfig,
+    eval_settings: EvalSettings,
+    task: Task,
+    test: list[dict[str, Any]],
+    checkpoint: Path | None,
 ) -> tuple[EvalResult | None, dict[str, float]]:
     """Every rank generates for its shard of the test set; rank zero gathers the outputs in
     order and scores them (other ranks get ``None``)."""
     loaded = load_model(cfg.model, cfg.paths.cache_dir, checkpoint=checkpoint)
     model = loaded.model.to(distributed.device_for(cfg.trainer))
-    if cfg.eval.get("limit"):
-        test = test[: int(cfg.eval.limit)]
+    if eval_settings.limit is not None:
+        test = test[: eval_settings.limit]
     started = time.perf_counter()
     outputs, truncated = generate_outputs(
         model,
@@ -107,8 +82,8 @@ def _evaluate(
         task,
         distributed.my_shard(test),
         max_prompt_length=int(cfg.model.max_length) - task.max_new_tokens,
-        batch_size=int(cfg.eval.batch_size),
-        show_progress=bool(cfg.eval.progress_bar) and distributed.is_rank_zero(),
+        batch_size=eval_settings.batch_size,
+        show_progress=eval_settings.progress_bar and distributed.is_rank_zero(),
     )
     shards = distributed.gather_to_all((outputs, truncated))
     seconds = time.perf_counter() - started
@@ -119,7 +94,7 @@ def _evaluate(
         test,
         [output for shard in shards for output in shard[0]],
         truncated=sum(shard[1] for shard in shards),
-        bootstrap=OmegaConf.to_container(cfg.eval.bootstrap, resolve=True),  # type: ignore[arg-type]
+        bootstrap=dataclasses.asdict(eval_settings.bootstrap),
     )
     return result, {"compute/eval_seconds": seconds, "compute/eval_processes": len(shards)}
 
@@ -153,18 +128,22 @@ def run(
 ) -> dict[str, float]:
     """Train (unless the method is ``base`` or ``train`` is off), evaluate on the test split,
     write the run directory's files and the W&B run. Returns what metrics.json holds."""
-    require_accelerator(str(cfg.trainer.get("accelerator", "cpu")))
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    settings = settings_from(cfg)  # every config problem at once, before anything loads
+    quiet_console()
+    trains = train and settings.method.kind != "none"
+    if trains and None in (settings.stages, settings.checkpoint, settings.subsample):
+        raise ConfigError(["training needs the stages, checkpoint and subsample sections"])
+    require_accelerator(settings.trainer.accelerator)
+    L.seed_everything(settings.seed, workers=True, verbose=False)
     task: Task = instantiate(cfg.task, _convert_="partial")
-    trains = train and cfg.method.get("kind", "none") != "none"
     splits = {split: task.load_split(split) for split in (("train", "val") if trains else ())}
     splits["test"] = task.load_split("test")
     leaked = check_leakage(task, splits) if trains else []
-    for split in ("train", "val"):
+    if settings.subsample is not None:
         # An explicit, recorded cut for quick runs (data/train_examples says what was used).
-        limit = (cfg.get("subsample") or {}).get(split)
-        if limit and split in splits:
-            splits[split] = splits[split][: int(limit)]
+        for split, limit in (("train", settings.subsample.train), ("val", settings.subsample.val)):
+            if limit is not None and split in splits:
+                splits[split] = splits[split][:limit]
     # Only rank zero writes: files, the W&B run, the console summary.
     writer = distributed.is_rank_zero()
     policy = text_policy(task.data, list(splits))
@@ -176,6 +155,7 @@ def run(
             run_dir,
             job_type="train" if trains else "evaluate",
             capture_console=policy.may_log_text,
+            extra_config=headline_record(cfg),
         )
         if writer
         else None
@@ -185,19 +165,20 @@ def run(
         metrics: dict[str, float] = {}
         if trains:
             metrics["data/leaked_test_examples"] = float(len(leaked))
-            metrics.update(_train(cfg, task, splits, run_dir, wandb_run))
+            context = StageContext(cfg, settings, task, splits, run_dir, wandb_run)
+            metrics.update(_train(context))
             gc.collect()
-            checkpoint = run_dir / WEIGHTS_DIR
-        result, eval_compute = _evaluate(cfg, task, splits["test"], checkpoint)
+            checkpoint = run_dir / rundir.WEIGHTS
+        result, eval_compute = _evaluate(cfg, settings.eval, task, splits["test"], checkpoint)
         if result is None:
             failed = False
             return {}
         metrics.update(eval_compute)
         metrics.update({f"test/{key}": value for key, value in result.metrics.items()})
         metrics["compute/peak_memory_bytes"] = float(peak_memory_bytes())
-        write_jsonl_atomic(run_dir / "predictions.jsonl", result.predictions)
+        write_jsonl_atomic(run_dir / rundir.PREDICTIONS, result.predictions)
         # metrics.json is written last: its presence marks a finished run.
-        write_json_atomic(run_dir / "metrics.json", metrics)
+        write_json_atomic(run_dir / rundir.METRICS, metrics)
         if wandb_run is not None:
             log_results(
                 wandb_run,
@@ -209,6 +190,8 @@ def run(
         headline = f"test/{task.headline_metric}"
         print(f"\nResults in {run_dir}")
         print(f"  {headline} = {metrics[headline]:.4f}  (n={int(metrics['test/n'])})")
+        if wandb_run is not None and wandb_run.settings.mode == "offline":
+            print(f"  W&B run (offline): upload with `wandb sync {Path(wandb_run.dir).parent}`")
         failed = False
         return metrics
     finally:
@@ -219,7 +202,7 @@ def run(
 
 def _config_of_run(run_dir: Path, current: DictConfig) -> DictConfig:
     """A finished run's own config, with this machine's paths, logger and hardware."""
-    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    saved = OmegaConf.load(run_dir / rundir.HYDRA_CONFIG)
     assert isinstance(saved, DictConfig)
     for key in ("paths", "logger", "trainer"):
         saved[key] = current[key]
@@ -232,9 +215,9 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     whole run directory (whose saved config then decides model, task, method and eval)."""
     checkpoint = Path(str(cfg.checkpoint)) if cfg.get("checkpoint") else None
     weights: Path | None = checkpoint
-    if checkpoint is not None and (checkpoint / ".hydra" / "config.yaml").is_file():
+    if checkpoint is not None and (checkpoint / rundir.HYDRA_CONFIG).is_file():
         cfg = _config_of_run(checkpoint, cfg)
-        weights = checkpoint / WEIGHTS_DIR if (checkpoint / WEIGHTS_DIR).is_dir() else None
+        weights = checkpoint / rundir.WEIGHTS if (checkpoint / rundir.WEIGHTS).is_dir() else None
     elif checkpoint is not None:
         manifest = read_checkpoint_manifest(checkpoint)
         cfg.method.name = manifest.get("method", cfg.method.name)

@@ -13,12 +13,13 @@ the machine only when every split the run reads is either
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
+
+from clintune.io import file_sha256
 
 #: The repository's own data directory (absent in a non-editable install: then no file counts
 #: as shipped, which errs on the side of keeping text local).
@@ -41,14 +42,6 @@ class TextPolicy:
             f"{reasons}. Numbers, ids and configs are still logged. To allow text for your own "
             f"data, add {OPT_IN_KEY} to this run's overrides or experiment file."
         )
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_manifest(data_dir: Path = SHIPPED_DATA_DIR) -> dict[str, str]:

@@ -20,7 +20,12 @@ def wandb_mode(logger_cfg: DictConfig) -> str:
 
 
 def start_wandb(
-    cfg: DictConfig, run_dir: Path, job_type: str, *, capture_console: bool = False
+    cfg: DictConfig,
+    run_dir: Path,
+    job_type: str,
+    *,
+    capture_console: bool = False,
+    extra_config: dict[str, Any] | None = None,
 ) -> Any | None:
     """``capture_console`` off keeps stdout/stderr out of the run: a warning or a data error
     may quote the data. The console is still in Hydra's log file in the run directory."""
@@ -38,9 +43,10 @@ def start_wandb(
         job_type=job_type,
         dir=str(run_dir),
         mode=wandb_mode(logger_cfg),
-        config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
+        config={**OmegaConf.to_container(cfg, resolve=True), **(extra_config or {})},  # type: ignore[dict-item]
         reinit="finish_previous",
-        settings=wandb.Settings(console="auto" if capture_console else "off"),
+        # quiet: the run's summary is printed by clintune once; W&B still says where it is.
+        settings=wandb.Settings(console="auto" if capture_console else "off", quiet=True),
     )
 
 

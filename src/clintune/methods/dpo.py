@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 
-from clintune.methods.losses import DPO_LOSS_TYPES, completion_logps, dpo_loss
+from clintune.methods.losses import DPO_LOSS_TYPES, completion_logps, dpo_loss, token_logps
 from clintune.methods.optim import ComputeCounters, WarmupCosineAdamW
 from clintune.tokenization import IGNORE_INDEX
 
@@ -76,13 +76,9 @@ def _shared_prompt_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor
     logits = torch.cat(
         [prompt_out.logits[tiled][:, -1:, :], completion_out.logits[:, :-1, :]], dim=1
     )
-    log_probs = (
-        logits.float().log_softmax(-1) if logits.dtype != torch.float64 else logits.log_softmax(-1)
-    )
-    token_logps = torch.gather(log_probs, 2, completion_ids.unsqueeze(-1)).squeeze(-1)
     mask = completion_mask.bool()
     return PairForward(
-        logps=(token_logps * mask).sum(-1),
+        logps=(token_logps(logits, completion_ids) * mask).sum(-1),
         lengths=mask.sum(-1),
         logit_sums=_masked_logit_sums(logits, mask),
         tokens=int(prompt_mask.sum() + completion_mask.sum()),
@@ -253,17 +249,24 @@ class DPOModule(ComputeCounters, WarmupCosineAdamW, L.LightningModule):
 def precompute_reference_logps(
     model: torch.nn.Module, batches: Iterator[dict[str, torch.Tensor]] | list
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Reference log-probs of every pair, in loader order: (chosen, rejected, tokens)."""
+    """Reference log-probs of every pair, in loader order: (chosen, rejected, tokens).
+
+    The global random generator is left as it was: iterating a DataLoader without its own
+    generator draws a seed from it, and the pass is skipped when its result is cached, so
+    otherwise training (dropout, e.g. LoRA's) would draw other numbers after a cache miss than
+    after a hit, and the same command would end with different weights."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     chosen, rejected, tokens = [], [], 0
-    for batch in batches:
-        batch = {key: value.to(device) for key, value in batch.items()}
-        out = pair_forward(model, batch)
-        first, second = out.logps.chunk(2)
-        chosen.append(first.float().cpu())
-        rejected.append(second.float().cpu())
-        tokens += out.tokens
+    # CPU only: the loader's draw is on the CPU, and the pass in eval mode draws nothing else.
+    with torch.random.fork_rng(devices=[]):
+        for batch in batches:
+            batch = {key: value.to(device) for key, value in batch.items()}
+            out = pair_forward(model, batch)
+            first, second = out.logps.chunk(2)
+            chosen.append(first.float().cpu())
+            rejected.append(second.float().cpu())
+            tokens += out.tokens
     model.train(was_training)
     return torch.cat(chosen), torch.cat(rejected), tokens

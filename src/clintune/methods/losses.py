@@ -25,35 +25,43 @@ def completion_token_count(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target token) at every position, in at least float32: the one log-prob helper
+    behind the SFT loss, both DPO forward layouts and the reference pass. ``logits[:, t]``
+    must already be the distribution that predicts ``targets[:, t]``; ignored positions must
+    hold a valid token id (callers mask them out afterwards)."""
+    return torch.gather(
+        _at_least_float32(logits).log_softmax(-1), 2, targets.unsqueeze(-1)
+    ).squeeze(-1)
+
+
+def _shifted_completion(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position log-probs of the next token and the mask of completion positions."""
+    shifted_logits, shifted_labels = shift_for_next_token(logits, labels)
+    mask = shifted_labels != IGNORE_INDEX
+    return token_logps(shifted_logits, shifted_labels.masked_fill(~mask, 0)), mask
+
+
 def sft_loss(
     logits: torch.Tensor, labels: torch.Tensor, num_tokens: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Next-token cross-entropy summed over the completion tokens (labels != IGNORE_INDEX),
     divided by ``num_tokens`` (default: this batch's count, i.e. the mean). Passing the count
     over all data-parallel ranks makes every rank's share add up to the global batch's mean."""
-    shifted_logits, shifted_labels = shift_for_next_token(logits, labels)
-    if not (shifted_labels != IGNORE_INDEX).any():
+    logps, mask = _shifted_completion(logits, labels)
+    if not mask.any():
         raise ValueError("the batch has no completion tokens to train on")
-    summed = F.cross_entropy(
-        _at_least_float32(shifted_logits.reshape(-1, shifted_logits.size(-1))),
-        shifted_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
     if num_tokens is None:
         num_tokens = completion_token_count(labels)
-    return summed / num_tokens
+    return -(logps * mask).sum() / num_tokens
 
 
 def completion_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-example sum of the log-probabilities of the completion tokens."""
-    shifted_logits, shifted_labels = shift_for_next_token(logits, labels)
-    mask = shifted_labels != IGNORE_INDEX
-    safe_labels = shifted_labels.masked_fill(~mask, 0)
-    token_logps = torch.gather(
-        _at_least_float32(shifted_logits).log_softmax(-1), 2, safe_labels.unsqueeze(-1)
-    ).squeeze(-1)
-    return (token_logps * mask).sum(-1)
+    logps, mask = _shifted_completion(logits, labels)
+    return (logps * mask).sum(-1)
 
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")

@@ -9,12 +9,12 @@ what gets quantized."""
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import importlib.metadata
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from packaging.version import Version
 
 from clintune import distributed
 from clintune.errors import UserError
-from clintune.io import build_directory_once
+from clintune.io import build_directory_once, content_hash, file_sha256
 from clintune.models.tiny import TinyModelSpec, ensure_tiny_model
 
 CHECKPOINT_MANIFEST = "clintune_checkpoint.json"
@@ -167,10 +167,26 @@ def _prepare_for_kbit_training(model: Any, model_cfg: DictConfig) -> Any:
     )
 
 
+class ModelNotAvailable(UserError, OSError):
+    """A hub id that is neither reachable nor in the local Hugging Face cache."""
+
+
 def load_tokenizer(source: str) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as error:
+        if Path(source).is_dir():
+            raise
+        # The tokenizer is the first file fetched: this is where a missing hub shows.
+        raise ModelNotAvailable(
+            f"model '{source}' is not on this machine and the Hugging Face hub cannot be "
+            "reached (or the model is gated and this account has not accepted its licence). "
+            "Download it where the hub is reachable (huggingface-cli download "
+            f"{source}) and copy the cache (HF_HOME), set model.pretrained to a local "
+            "directory, or use model=tiny_llama."
+        ) from error
     if tokenizer.pad_token is None:
         # Llama 3 and Mistral ship without a pad token; padding is masked, so any id works.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -240,20 +256,12 @@ def _base_for_checkpoint(
     return base
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _adapter_identity(checkpoint: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """What fixes base + this adapter: file contents, not paths, so the copy of an adapter
     stored inside a later checkpoint (``init_adapter``) names the same merged weights."""
     identity: dict[str, Any] = {
         "files": {
-            p.name: _sha256(p)
+            p.name: file_sha256(p)
             for p in sorted(checkpoint.iterdir())
             if p.is_file() and p.name.startswith("adapter_")
         },
@@ -286,7 +294,7 @@ def _merged_base_dir(model_cfg: DictConfig, checkpoint: str | Path, cache_dir: s
         "dtype": str(dtype),
         "adapter": _adapter_identity(checkpoint, manifest),
     }
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+    key = content_hash(identity)
 
     def merge_into(staging: Path) -> None:
         from peft import PeftModel
@@ -411,6 +419,20 @@ def uses_gradient_checkpointing(model: Any) -> bool:
     return bool(getattr(inner, "is_gradient_checkpointing", False))
 
 
+@contextlib.contextmanager
+def _no_transformers_progress_bar() -> Iterator[None]:
+    """A save at every validation would draw a bar through Lightning's progress bar."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
+
+
 def save_trained(
     model: Any,
     tokenizer: Any,
@@ -434,7 +456,8 @@ def save_trained(
     if not is_lora and getattr(model, "is_loaded_in_4bit", False):
         raise ValueError("4-bit weights are a frozen base: save a LoRA adapter trained on them")
     # state_dict: the full weights gathered from shards (FSDP); otherwise the model's own.
-    model.save_pretrained(staging, state_dict=state_dict)
+    with _no_transformers_progress_bar():
+        model.save_pretrained(staging, state_dict=state_dict)
     tokenizer.save_pretrained(staging)
     for name, directory in (extra_dirs or {}).items():
         shutil.copytree(directory, staging / name)

@@ -8,14 +8,13 @@ model, so the default job exercises the same code path as ``model=llama3``.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clintune.io import build_directory_once
+from clintune.io import build_directory_once, content_hash, file_sha256
 
 BUILD_FORMAT_VERSION = 1
 COMPLETE_MARKER = "clintune_build.json"
@@ -112,12 +111,9 @@ def _corpus_texts(files: list[Path]) -> Iterator[str]:
 
 
 def cache_key(spec: TinyModelSpec) -> str:
-    digest = hashlib.sha256()
-    digest.update(json.dumps({"v": BUILD_FORMAT_VERSION, **asdict(spec)}, sort_keys=True).encode())
-    for path in _corpus_files(spec.corpus):
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return f"tiny_{spec.arch}-{digest.hexdigest()[:16]}"
+    corpus = [(path.name, file_sha256(path)) for path in _corpus_files(spec.corpus)]
+    payload = {"v": BUILD_FORMAT_VERSION, **asdict(spec), "corpus_files": corpus}
+    return f"tiny_{spec.arch}-{content_hash(payload, 16)}"
 
 
 def _train_tokenizer(spec: TinyModelSpec, files: list[Path]) -> Any:
@@ -172,11 +168,16 @@ def _build_model(spec: TinyModelSpec, tokenizer: Any) -> Any:
         "pad_token_id": tokenizer.pad_token_id,
         "tie_word_embeddings": False,
     }
-    torch.manual_seed(spec.init_seed)
-    if spec.arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    else:
-        model = MistralForCausalLM(MistralConfig(sliding_window=None, **common))
+    # Seeded for the same weights on every build, in a fork of the generators: a run that
+    # builds the model must go on drawing what a run that finds it cached draws (a LoRA
+    # adapter's initial weights, dropout), or the first run of a command differs from the rest.
+    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(spec.init_seed)
+        if spec.arch == "llama":
+            model = LlamaForCausalLM(LlamaConfig(**common))
+        else:
+            model = MistralForCausalLM(MistralConfig(sliding_window=None, **common))
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

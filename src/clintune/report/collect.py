@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from clintune import rundir
+
 FINISHED, FAILED, INCOMPLETE = "finished", "failed", "incomplete"
 GRID_KEYS = ("model", "task", "method", "seed")
 # The directory name a multirun gives a job (conf/experiment/*.yaml): a fallback identity.
@@ -37,6 +39,10 @@ class RunRecord:
     source: str = "dir"  # dir | wandb
     group: str | None = None
     task_config: dict[str, Any] = field(default_factory=dict)
+    # From job.json or the W&B config: the task's headline metric (without "test/") and the
+    # metrics that count examples (no confidence interval).
+    headline: str | None = None
+    count_metrics: frozenset[str] = frozenset()
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -46,7 +52,7 @@ class RunRecord:
     def predictions_path(self) -> Path | None:
         if self.path is None:
             return None
-        candidate = self.path / "predictions.jsonl"
+        candidate = self.path / rundir.PREDICTIONS
         return candidate if candidate.is_file() else None
 
     def load_predictions(self) -> list[dict[str, Any]] | None:
@@ -117,10 +123,19 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return payload if isinstance(payload, dict) else None
 
 
+def _read_headline(record: RunRecord, source: Mapping[str, Any]) -> None:
+    headline = source.get("headline_metric")
+    if isinstance(headline, str):
+        record.headline = headline.removeprefix("test/")
+    counts = source.get("count_metrics")
+    if isinstance(counts, list):
+        record.count_metrics = frozenset(str(name) for name in counts)
+
+
 def read_run_dir(run_dir: Path) -> RunRecord:
     """A record for one run directory (one with ``.hydra/config.yaml``)."""
     try:
-        config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text()) or {}
+        config = yaml.safe_load((run_dir / rundir.HYDRA_CONFIG).read_text()) or {}
     except (OSError, yaml.YAMLError):
         config = {}
     parsed = RUN_NAME.match(run_dir.name)
@@ -137,9 +152,10 @@ def read_run_dir(run_dir: Path) -> RunRecord:
         model, task, method, seed, INCOMPLETE, path=run_dir, group=group, task_config=task_config
     )
 
-    job = _read_json(run_dir / "job.json") or {}
-    failure = _read_json(run_dir / "failure.json")
-    metrics = _read_json(run_dir / "metrics.json")
+    job = _read_json(run_dir / rundir.JOB) or {}
+    failure = _read_json(run_dir / rundir.FAILURE)
+    metrics = _read_json(run_dir / rundir.METRICS)
+    _read_headline(record, job)
     if job.get("status") == "failed" or (failure is not None and metrics is None):
         record.status = FAILED
         error = (failure or {}).get("error") or "unknown error"
@@ -187,10 +203,10 @@ def collect_dirs(paths: Sequence[str | Path]) -> Collection:
         if not root.exists():
             collection.warnings.append(f"{root}: no such directory")
             continue
-        if (root / ".hydra" / "config.yaml").is_file():
+        if (root / rundir.HYDRA_CONFIG).is_file():
             run_dirs: Iterable[Path] = [root]
         else:
-            run_dirs = sorted(p.parent.parent for p in root.rglob(".hydra/config.yaml"))
+            run_dirs = sorted(p.parent.parent for p in root.rglob(rundir.HYDRA_CONFIG))
             for multirun_yaml in sorted(root.rglob("multirun.yaml")):
                 for key, values in _declared_grid(multirun_yaml).items():
                     known = collection.declared.setdefault(key, [])
@@ -251,6 +267,7 @@ def collect_wandb(spec: str, api: Any | None = None) -> Collection:
             group=getattr(run, "group", None) or group,
             task_config=task_config,
         )
+        _read_headline(record, config)
         state = str(getattr(run, "state", "") or "")
         metrics = clean_metrics(_summary_dict(run))
         has_results = any(key.startswith("test/") for key in metrics)

@@ -20,14 +20,6 @@ from clintune.report.collect import FINISHED, Collection, RunRecord
 METHOD_ORDER = ("base", "sft", "dpo", "dpo_only")
 # control → treatment, as the study reads them: did DPO beat SFT, did SFT beat base, ...
 COMPARISONS = (("sft", "dpo"), ("base", "sft"), ("base", "dpo"))
-# Known when the task class cannot be imported (a W&B-only report on another machine).
-HEADLINE = {
-    "classification": "f1_macro",
-    "triage": "provider_f1_macro",
-    "reasoning": "accuracy",
-    "reasoning_open": "accuracy",
-    "summarization": "rougeL",
-}
 COUNT_METRICS = frozenset(
     {"n", "unparseable", "truncated_prompts", "likert_graded", "likert_missing", "n_correct"}
 )
@@ -174,10 +166,12 @@ def task_metrics(runs: Sequence[RunRecord], task: str) -> list[str]:
     task_runs = [r for r in runs if r.task == task]
     headline, counts = None, frozenset[str]()
     for record in task_runs:
-        headline, counts = _task_class_info(record)
+        # Recorded by the run (job.json, W&B config); older runs name their task class.
+        headline, counts = record.headline, record.count_metrics
+        if not headline:
+            headline, counts = _task_class_info(record)
         if headline:
             break
-    headline = headline or HEADLINE.get(task)
     names = {
         key.removeprefix("test/")
         for record in task_runs

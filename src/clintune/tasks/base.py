@@ -133,3 +133,15 @@ class Task(ABC):
             value_map,
             self.check_record,  # type: ignore[arg-type]
         )
+
+
+def headline_record(cfg: DictConfig) -> dict[str, Any]:
+    """The task's headline metric and count metrics, from its class (no data is loaded), for
+    ``job.json`` and the W&B config: the report reads them there."""
+    from hydra.utils import get_class
+
+    task_class = get_class(str(cfg.task._target_))
+    return {
+        "headline_metric": f"test/{task_class.headline_metric}",
+        "count_metrics": sorted(task_class.count_metrics),
+    }

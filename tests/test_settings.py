@@ -1,0 +1,216 @@
+"""The whole config is checked before any work: every bad value at once, by key, with what is
+allowed; and the stage cache keys change exactly when the weights would."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, compose_train
+
+from clintune.settings import ConfigError, DPOSettings, SFTSettings, settings_from
+from clintune.stages import StageContext, sft_stage_key
+
+BAD_CHOICES = [
+    "method=dpo",
+    "method.module.loss_type=sigmod",
+    "method.save=bset",
+    "method.pairs.source=labels",
+    "method.reference=copyy",
+]
+
+
+def _problems(overrides: list[str], cache: Path) -> list[str]:
+    with pytest.raises(ConfigError) as raised:
+        settings_from(compose_train(overrides, cache))
+    return raised.value.problems
+
+
+def test_every_bad_choice_is_reported_at_once_with_the_allowed_values(tmp_path: Path) -> None:
+    problems = _problems(BAD_CHOICES, tmp_path)
+    assert len(problems) == 4
+    expected = {
+        "method.module.loss_type='sigmod'": "'sigmoid', 'ipo', 'hinge', 'robust'",
+        "method.save='bset'": "'best', 'last'",
+        "method.pairs.source='labels'": "'auto', 'data', 'label', 'on_policy'",
+        "method.reference='copyy'": "'precompute', 'adapter_disabled', 'copy'",
+    }
+    for key_value, allowed in expected.items():
+        (line,) = [p for p in problems if p.startswith(key_value)]
+        assert allowed in line
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("method.train.batch_size=0", "method.train.batch_size=0 is not allowed: expected >= 1"),
+        ("method.train.epochs=1.5", "method.train.epochs=1.5 is not allowed: expected an integer"),
+        ("method.module.learning_rate=0", "expected > 0"),
+        ("method.module.warmup_ratio=2", "expected >= 0 and <= 1"),
+        ("method.module.label_smoothing=0.5", "expected >= 0 and < 0.5"),
+        ("method.module.beta=-1", "method.module.beta=-1"),
+        ("method.pairs.temperature=0", "method.pairs.temperature=0"),
+        ("method.share_prompt=maybe", "expected true or false"),
+        ("method.sft.save=bset", "method.sft.save='bset'"),
+        ("eval.bootstrap.confidence=1.0", "expected > 0 and < 1"),
+        ("eval.limit=0", "eval.limit=0"),
+        ("trainer.precision=16-bit", "trainer.precision='16-bit'"),
+        ("trainer.accelerator=tpu", "trainer.accelerator='tpu'"),
+        ("trainer.devices=0", "trainer.devices=0"),
+        ("checkpoint.every_n_steps=-1", "checkpoint.every_n_steps=-1"),
+        ("stages.reuse=sometimes", "stages.reuse='sometimes'"),
+        ("subsample.train=0", "subsample.train=0"),
+    ],
+)
+def test_each_bad_value_names_its_key(override: str, fragment: str, tmp_path: Path) -> None:
+    problems = _problems(["method=dpo", override], tmp_path)
+    assert len(problems) == 1, problems
+    assert fragment in problems[0]
+
+
+def test_cross_field_problems_are_caught_before_loading(tmp_path: Path) -> None:
+    problems = _problems(["method=dpo", "method.reference=adapter_disabled"], tmp_path)
+    assert "model.lora.enabled=true" in problems[0]
+    problems = _problems(
+        ["method=dpo", "method.reference=copy", "model.lora.enabled=true"], tmp_path
+    )
+    assert "copy the whole model" in problems[0]
+
+
+def test_a_misspelt_key_in_an_experiment_file_is_caught(tmp_path: Path) -> None:
+    cfg = compose_train(["method=dpo"], tmp_path)
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.method.train.max_step = 40  # what a merged experiment file may add
+    (problem,) = _problems_of(cfg)
+    assert "method.train.max_step is not a known key: did you mean method.train.max_steps?" in (
+        problem
+    )
+
+
+def _problems_of(cfg: object) -> list[str]:
+    with pytest.raises(ConfigError) as raised:
+        settings_from(cfg)  # type: ignore[arg-type]
+    return raised.value.problems
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["method=base"],
+        ["method=dpo"],
+        ["method=dpo_only"],
+        ["method=dpo", "model.lora.enabled=true", "method.reference=adapter_disabled"],
+        ["experiment=demo_grid", "method=dpo"],
+        ["experiment=study_grid", "method=base"],
+        ["experiment=qlora_llama3", "method=dpo"],
+        ["trainer=fsdp"],
+        ["trainer=ddp_cpu", "method=dpo"],
+    ],
+)
+def test_shipped_configs_are_valid(overrides: list[str], tmp_path: Path) -> None:
+    settings = settings_from(compose_train(overrides, tmp_path))
+    if "method=dpo" in overrides:
+        assert isinstance(settings.method, DPOSettings)
+        assert isinstance(settings.method.sft, SFTSettings)
+    assert settings.eval.bootstrap.samples >= 1
+
+
+def test_train_py_fails_fast_with_one_error_line_per_bad_key(
+    tmp_path: Path, run_env: dict[str, str]
+) -> None:
+    """Exit 1 within 10 s, one ``error:`` line per bad key, no stack trace, nothing loaded."""
+    cache = tmp_path / "cache"
+    env = {**run_env, "CLINTUNE_CACHE": str(cache)}
+    run_dir = tmp_path / "run"
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *BAD_CHOICES, f"hydra.run.dir={run_dir}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    seconds = time.perf_counter() - started
+    assert result.returncode == 1, result.stderr
+    assert seconds < 10, f"took {seconds:.1f} s"
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 4, result.stderr
+    assert any("did you mean 'sigmoid'" in line for line in errors)
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not cache.exists()  # no model was built or loaded, no stage or reference cache
+    assert not (run_dir / "job.json").exists() and not (run_dir / "wandb").exists()
+
+
+# ---- stage cache keys ----------------------------------------------------------------------
+
+SPLITS = {"train": [{"id": "a", "text": "x", "label": "yes"}], "val": [{"id": "b"}]}
+
+
+def _sft_key(overrides: list[str], tmp_path: Path, splits: dict | None = None) -> str:
+    cfg = compose_train(overrides, tmp_path)
+    settings = settings_from(cfg)
+    method = settings.method
+    stage = method.sft if isinstance(method, DPOSettings) else method
+    assert isinstance(stage, SFTSettings)
+    ctx = StageContext(cfg, settings, None, splits or SPLITS, tmp_path, None)  # type: ignore[arg-type]
+    return sft_stage_key(ctx, stage)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        ["model=tiny_mistral"],
+        ["model.lora.enabled=true"],
+        ["model.max_length=256"],
+        ["task=triage"],
+        ["task.instruction=Answer."],
+        ["method.train.epochs=2"],
+        ["method.train.batch_size=8"],
+        ["method.module.learning_rate=0.01"],
+        ["method.save=last"],
+        ["trainer.precision=bf16-mixed"],
+        ["seed=7"],
+    ],
+)
+def test_what_decides_the_weights_retrains(change: list[str], tmp_path: Path) -> None:
+    assert _sft_key(change, tmp_path) != _sft_key([], tmp_path)
+
+
+def test_other_training_data_retrains(tmp_path: Path) -> None:
+    other = {**SPLITS, "train": [{"id": "a", "text": "y", "label": "yes"}]}
+    assert _sft_key([], tmp_path, other) != _sft_key([], tmp_path)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        ["method=dpo"],  # its SFT stage is method=sft's: trained once for both
+        ["eval.batch_size=4", "eval.limit=10", "eval.bootstrap.samples=20"],
+        ["logger=none"],
+        ["stages.resume=false", "checkpoint.every_n_steps=5"],
+        ["task.judge.kind=none", "task=summarization"],
+    ],
+)
+def test_what_does_not_decide_the_weights_reuses(change: list[str], tmp_path: Path) -> None:
+    baseline = ["task=summarization"] if "task=summarization" in change else []
+    assert _sft_key(change, tmp_path) == _sft_key(baseline, tmp_path)
+
+
+def test_the_key_reads_the_typed_settings_not_a_second_copy(tmp_path: Path) -> None:
+    cfg = compose_train([], tmp_path)
+    settings = settings_from(cfg)
+    assert isinstance(settings.method, SFTSettings)
+    changed = dataclasses.replace(
+        settings, method=dataclasses.replace(settings.method, save="last")
+    )
+    ctx = StageContext(cfg, settings, None, SPLITS, tmp_path, None)  # type: ignore[arg-type]
+    ctx_changed = StageContext(cfg, changed, None, SPLITS, tmp_path, None)  # type: ignore[arg-type]
+    assert sft_stage_key(ctx, settings.method) != sft_stage_key(ctx_changed, changed.method)
