@@ -9,6 +9,7 @@ so each one's peak resident set size is its own; the parent prints a Markdown ta
 
     python benchmarks/dpo_vs_trl.py [--pairs 128] [--batch-size 8] [--threads N]
                                     [--max-length 512] [--repeats 1] [--out results.json]
+                                    [--vocab-size 128256] [--prompt-tokens 1024]
 
 This is a benchmark, not a test: it asserts nothing about speed. See benchmarks/README.md.
 """
@@ -72,17 +73,41 @@ def _setup(args: argparse.Namespace) -> dict[str, Any]:
     cfg = _compose(args.model, args.cache_dir)
     loaded = load_model(cfg.model, args.cache_dir)
     task = instantiate(cfg.task)
-    pairs, _ = build_pairs(
-        task, task.load_split("train"), source="label", seed=int(cfg.method.pairs.seed)
-    )
+    train = task.load_split("train")
+    pairs, _ = build_pairs(task, train, source="label", seed=int(cfg.method.pairs.seed))
     if len(pairs) < args.pairs:
         raise SystemExit(f"only {len(pairs)} pairs in the training split, asked for {args.pairs}")
-    return {
-        "cfg": cfg,
-        "model": loaded.model.float().train(),
-        "tokenizer": loaded.tokenizer,
-        "pairs": pairs[: args.pairs],
-    }
+    pairs = pairs[: args.pairs]
+    model = loaded.model.float().train()
+    if args.vocab_size:
+        # The study's vocabulary on the tiny model: an embedding and LM head with that many
+        # rows (the extra ones random, seeded), while the trained tokenizer stays small.
+        torch.manual_seed(args.seed)
+        model.resize_token_embeddings(args.vocab_size, mean_resizing=False)
+    if args.prompt_tokens:
+        notes = [str(record["text"]) for record in train]
+        pairs = [
+            _lengthen_prompt(pair, notes, index, loaded.tokenizer, args.prompt_tokens)
+            for index, pair in enumerate(pairs)
+        ]
+    return {"cfg": cfg, "model": model, "tokenizer": loaded.tokenizer, "pairs": pairs}
+
+
+def _lengthen_prompt(pair: Any, notes: list[str], index: int, tokenizer: Any, target: int) -> Any:
+    """The pair with earlier notes of the shipped data put before its own, until its prompt
+    has about ``target`` tokens: a long clinical history, as in the study's prompts."""
+    import dataclasses
+
+    from clintune.tokenization import encode_prompt
+
+    content = pair.messages[-1]["content"]
+    history: list[str] = []
+    while True:
+        text = "\n\n".join(["Earlier notes:", *history, "Current note:", content])
+        messages = [*pair.messages[:-1], {**pair.messages[-1], "content": text}]
+        if len(encode_prompt(tokenizer, messages)) >= target:
+            return dataclasses.replace(pair, messages=messages)
+        history.append(notes[(index + len(history) + 1) % len(notes)])
 
 
 def _our_encodings(setup: dict[str, Any], max_length: int, sft: bool) -> list[Any]:
@@ -474,6 +499,8 @@ def _run_worker(args: argparse.Namespace, name: str) -> dict[str, Any]:
             "share_prompt",
             "model",
             "cache_dir",
+            "vocab_size",
+            "prompt_tokens",
         )
     ]
     command = [sys.executable, __file__, f"--worker={name}", f"--result-file={result_file}"]
@@ -546,6 +573,7 @@ def render(summary: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
         f"model={args.model} pairs={args.pairs} batch={args.batch_size} "
         f"max_length={args.max_length} threads={args.threads} repeats={args.repeats} "
+        f"vocab_size={args.vocab_size or 'model'} prompt_tokens={args.prompt_tokens or 'data'} "
         f"warm-up steps excluded={args.warmup_steps} fp32, AdamW, batches in data order",
         f"ours: DPO prompt sharing (method.share_prompt) = {_shared(rows)}",
         "",
@@ -635,6 +663,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("config", "true", "false"),
         default="config",
         help="our DPO's prompt sharing (method.share_prompt), where the project has it",
+    )
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=0,
+        help="rows of the embedding and LM head (e.g. 128256, Llama 3's); 0: the model's own",
+    )
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=0,
+        help="lengthen prompts with earlier notes to about this many tokens (e.g. 1024)",
     )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--model", default="tiny_llama", help="a conf/model/ config (tiny_*)")

@@ -74,6 +74,8 @@ class SFTModuleSettings:
     learning_rate: float = dataclasses.field(metadata=_positive())
     weight_decay: float = dataclasses.field(metadata=_minimum(0))
     warmup_ratio: float = dataclasses.field(metadata=_between(0, 1))
+    # Positions whose LM-head logits exist at once (log-probs are computed in chunks).
+    logits_chunk_size: int = dataclasses.field(metadata=_minimum(1))
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,17 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 
-from clintune.methods.losses import DPO_LOSS_TYPES, completion_logps, dpo_loss, token_logps
+from clintune.methods.logprobs import (
+    DEFAULT_CHUNK_SIZE,
+    chunked_token_logps,
+    decoder_and_head,
+    mean_logits,
+    scored_positions,
+    sequence_token_logps,
+    sum_by_row,
+)
+from clintune.methods.losses import DPO_LOSS_TYPES, dpo_loss
 from clintune.methods.optim import ComputeCounters, WarmupCosineAdamW
-from clintune.tokenization import IGNORE_INDEX
 
 REFERENCE_MODES = ("precompute", "adapter_disabled", "copy")
 
@@ -29,42 +37,58 @@ class PairForward:
     tokens: int  # non-padding tokens processed
 
 
-def _masked_logit_sums(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (logits.detach().float().mean(-1) * mask).sum(-1)
-
-
-def _concatenated_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> PairForward:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    mask = batch["labels"][:, 1:] != IGNORE_INDEX
+def _pair_forward_from(
+    logps: torch.Tensor,
+    rows: torch.Tensor,
+    selected: torch.Tensor,
+    head_weight: torch.Tensor,
+    count: int,
+    tokens: int,
+) -> PairForward:
+    lengths = torch.bincount(rows, minlength=count)
     return PairForward(
-        logps=completion_logps(logits, batch["labels"]),
-        lengths=mask.sum(-1),
-        logit_sums=_masked_logit_sums(logits[:, :-1], mask),
-        tokens=int(batch["attention_mask"].sum()),
+        logps=sum_by_row(logps, rows, count),
+        lengths=lengths,
+        logit_sums=sum_by_row(mean_logits(selected, head_weight), rows, count),
+        tokens=tokens,
     )
 
 
-def _shared_prompt_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> PairForward:
+def _concatenated_forward(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int
+) -> PairForward:
+    logps, rows, selected = sequence_token_logps(
+        model, batch["input_ids"], batch["attention_mask"], batch["labels"], chunk_size
+    )
+    _, head = decoder_and_head(model)
+    rows_in_batch = batch["input_ids"].size(0)
+    tokens = int(batch["attention_mask"].sum())
+    return _pair_forward_from(logps, rows, selected, head.weight, rows_in_batch, tokens)
+
+
+def _shared_prompt_forward(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int
+) -> PairForward:
     """The prompt runs once; its key/value cache (with gradients) is tiled for the chosen and
     the rejected completion. Same log-probs as the concatenated pass, at about half the cost
     when prompts are much longer than answers, as in clinical tasks."""
+    decoder, head = decoder_and_head(model)
     prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
     completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
     pairs = prompt_ids.size(0)
     prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    prompt_out = model(
+    prompt_out = decoder(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
         position_ids=prompt_positions,
         use_cache=True,
-        logits_to_keep=1,
     )
     cache = prompt_out.cache
     tiled = torch.arange(pairs, device=prompt_ids.device).repeat(2)
     cache.batch_select_indices(tiled)
     prompt_lengths = prompt_mask.sum(-1)[tiled]
     steps = torch.arange(completion_ids.size(1), device=prompt_ids.device)
-    completion_out = model(
+    completion_out = decoder(
         input_ids=completion_ids,
         attention_mask=torch.cat([prompt_mask[tiled], completion_mask], dim=1),
         position_ids=prompt_lengths[:, None] + steps[None, :],
@@ -72,31 +96,36 @@ def _shared_prompt_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor
         use_cache=True,
     )
     # Completion token j is predicted by the position before it: the prompt's last position
-    # for j = 0, then the completion's own positions.
-    logits = torch.cat(
-        [prompt_out.logits[tiled][:, -1:, :], completion_out.logits[:, :-1, :]], dim=1
+    # (prompts are left-padded) for j = 0, then the completion's own positions.
+    hidden = torch.cat(
+        [
+            prompt_out.last_hidden_state[tiled][:, -1:, :],
+            completion_out.last_hidden_state[:, :-1, :],
+        ],
+        dim=1,
     )
-    mask = completion_mask.bool()
-    return PairForward(
-        logps=(token_logps(logits, completion_ids) * mask).sum(-1),
-        lengths=mask.sum(-1),
-        logit_sums=_masked_logit_sums(logits, mask),
-        tokens=int(prompt_mask.sum() + completion_mask.sum()),
-    )
+    selected, targets, rows = scored_positions(hidden, completion_ids, completion_mask.bool())
+    logps = chunked_token_logps(selected, head.weight, targets, chunk_size)
+    tokens = int(prompt_mask.sum() + completion_mask.sum())
+    return _pair_forward_from(logps, rows, selected, head.weight, 2 * pairs, tokens)
 
 
-def pair_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> PairForward:
+def pair_forward(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> PairForward:
     """Log-probs of both completions of every pair, by whichever layout the batch uses."""
     if "prompt_ids" in batch:
-        return _shared_prompt_forward(model, batch)
-    return _concatenated_forward(model, batch)
+        return _shared_prompt_forward(model, batch, chunk_size)
+    return _concatenated_forward(model, batch, chunk_size)
 
 
 def sequence_logps(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-row summed completion log-probs, per-row completion lengths) of a batch."""
-    out = pair_forward(model, batch)
+    out = pair_forward(model, batch, chunk_size)
     return out.logps, out.lengths
 
 
@@ -127,6 +156,7 @@ class DPOModule(ComputeCounters, WarmupCosineAdamW, L.LightningModule):
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.999),
+        logits_chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
         super().__init__()
         if loss_type not in DPO_LOSS_TYPES:
@@ -150,6 +180,7 @@ class DPOModule(ComputeCounters, WarmupCosineAdamW, L.LightningModule):
         self.weight_decay = float(weight_decay)
         self.warmup_ratio = float(warmup_ratio)
         self.betas = tuple(betas)
+        self.logits_chunk_size = int(logits_chunk_size)
 
     def on_fit_start(self) -> None:
         for reference in self._reference_model:
@@ -160,17 +191,17 @@ class DPOModule(ComputeCounters, WarmupCosineAdamW, L.LightningModule):
             return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         with torch.no_grad():
             if self.reference == "copy":
-                out = pair_forward(self._reference_model[0], batch)
+                out = pair_forward(self._reference_model[0], batch, self.logits_chunk_size)
             else:
                 with adapter_disabled(self.model):
-                    out = pair_forward(self.model, batch)
+                    out = pair_forward(self.model, batch, self.logits_chunk_size)
         if self.training:
             self.reference_tokens += out.tokens
         return out.logps.chunk(2)
 
     def pair_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-pair losses and everything TRL logs about them."""
-        out = pair_forward(self.model, batch)
+        out = pair_forward(self.model, batch, self.logits_chunk_size)
         self._last_tokens = out.tokens
         chosen_logps, rejected_logps = out.logps.chunk(2)
         chosen_lengths, rejected_lengths = out.lengths.chunk(2)
@@ -247,7 +278,9 @@ class DPOModule(ComputeCounters, WarmupCosineAdamW, L.LightningModule):
 
 @torch.no_grad()
 def precompute_reference_logps(
-    model: torch.nn.Module, batches: Iterator[dict[str, torch.Tensor]] | list
+    model: torch.nn.Module,
+    batches: Iterator[dict[str, torch.Tensor]] | list,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Reference log-probs of every pair, in loader order: (chosen, rejected, tokens).
 
@@ -263,7 +296,7 @@ def precompute_reference_logps(
     with torch.random.fork_rng(devices=[]):
         for batch in batches:
             batch = {key: value.to(device) for key, value in batch.items()}
-            out = pair_forward(model, batch)
+            out = pair_forward(model, batch, chunk_size)
             first, second = out.logps.chunk(2)
             chosen.append(first.float().cpu())
             rejected.append(second.float().cpu())

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
+from clintune import distributed
+
 
 def adamw_warmup_cosine(
     model: torch.nn.Module,
@@ -78,8 +80,19 @@ class ComputeCounters:
         self.reference_tokens = 0
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["clintune_counters"] = {name: getattr(self, name) for name in self.COUNTERS}
+        # Every rank counts only its own share, and only rank zero writes the checkpoint: it
+        # keeps every rank's counters (all ranks save together, so the gather is safe here).
+        own = {name: getattr(self, name) for name in self.COUNTERS}
+        checkpoint["clintune_counters"] = distributed.gather_to_all(own)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        for name, value in checkpoint.get("clintune_counters", {}).items():
+        saved = checkpoint.get("clintune_counters", {})
+        if isinstance(saved, dict):  # written by one process before counters were per rank
+            saved = [saved]
+        if len(saved) == distributed.world_size():
+            own = saved[distributed.rank()]
+        else:  # another number of processes: rank zero carries the totals
+            totals = {name: sum(int(rank.get(name, 0)) for rank in saved) for name in self.COUNTERS}
+            own = totals if distributed.is_rank_zero() else {}
+        for name, value in own.items():
             setattr(self, name, value)

@@ -6,7 +6,8 @@ import lightning as L
 import torch
 from torchmetrics.aggregation import MeanMetric
 
-from clintune.methods.losses import completion_token_count, sft_loss
+from clintune.methods.logprobs import DEFAULT_CHUNK_SIZE, sequence_token_logps
+from clintune.methods.losses import completion_token_count
 from clintune.methods.optim import ComputeCounters, WarmupCosineAdamW
 
 
@@ -22,6 +23,7 @@ class SFTModule(ComputeCounters, WarmupCosineAdamW, L.LightningModule):
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.999),
+        logits_chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
         super().__init__()
         # from_pretrained returns eval mode, and Lightning keeps modules in the mode it finds.
@@ -31,20 +33,29 @@ class SFTModule(ComputeCounters, WarmupCosineAdamW, L.LightningModule):
         self.warmup_ratio = float(warmup_ratio)
         self.betas = tuple(betas)
         self.eval_loss = MeanMetric()
+        self.logits_chunk_size = int(logits_chunk_size)
 
-    def _logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).logits
+    def _completion_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Log-probs of every completion token of the batch, without full-vocabulary logits."""
+        logps, _, _ = sequence_token_logps(
+            self.model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            self.logits_chunk_size,
+        )
+        return logps
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         # Normalised by the completion tokens of the global batch (all ranks), times the world
         # size because DDP averages gradients: so 1 and N processes take the same step.
         tokens = completion_token_count(batch["labels"])
+        if not tokens:
+            raise ValueError("the batch has no completion tokens to train on")
         world = self.trainer.world_size
         if world > 1:
             tokens = self.trainer.strategy.reduce(tokens.float(), reduce_op="sum") / world
-        loss = sft_loss(self._logits(batch), batch["labels"], tokens)
+        loss = -self._completion_logps(batch).sum() / tokens
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"SFT loss is {loss.item()} at global step {self.global_step} (batch {batch_idx});"
@@ -64,5 +75,6 @@ class SFTModule(ComputeCounters, WarmupCosineAdamW, L.LightningModule):
         tokens = completion_token_count(batch["labels"])
         # Token-weighted over the whole validation set and all ranks, so the value does not
         # depend on how examples fall into batches or ranks.
-        self.eval_loss.update(sft_loss(self._logits(batch), batch["labels"]), weight=tokens)
+        loss = -self._completion_logps(batch).sum() / tokens
+        self.eval_loss.update(loss, weight=tokens)
         self.log("eval/loss", self.eval_loss, prog_bar=True)

@@ -22,6 +22,7 @@ from clintune.errors import UserError
 from clintune.eval.generation import generate_sampled
 from clintune.io import atomic_open, content_hash
 from clintune.methods.dpo import precompute_reference_logps
+from clintune.methods.logprobs import DEFAULT_CHUNK_SIZE
 from clintune.methods.preferences import build_pairs
 from clintune.models.loading import (
     load_for_training,
@@ -99,6 +100,7 @@ def reference_logps_cached(
     batch_size: int,
     cache_file: Path,
     share_prompt: bool = True,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
     """Reference log-probs of ``encoded`` pairs, from ``cache_file`` when present. Otherwise
     every rank scores its shard and the shards are gathered in order; rank zero writes the
@@ -116,7 +118,7 @@ def reference_logps_cached(
         batch_size=batch_size,
         collate_fn=partial(pair_collate(share_prompt), pad_token_id=pad_token_id),
     )
-    shards = distributed.gather_to_all(precompute_reference_logps(model, loader))
+    shards = distributed.gather_to_all(precompute_reference_logps(model, loader, chunk_size))
     chosen = torch.cat([shard[0] for shard in shards])
     rejected = torch.cat([shard[1] for shard in shards])
     tokens = sum(shard[2] for shard in shards)
@@ -199,6 +201,7 @@ def run_dpo_stage(
                 batch_size=method.train.eval_batch_size,
                 cache_file=ctx.cache_dir / "reference" / f"{reference_key}.pt",
                 share_prompt=share_prompt,
+                chunk_size=method.module.logits_chunk_size,
             )
             reference_tokens += tokens if split == "train" else 0
             cache_hits += int(hit)
