@@ -131,6 +131,14 @@ class TrainingState(Callback):
         for signum in preemption_signals():
             self._previous_handlers[signum] = signal.getsignal(signum)
             signal.signal(signum, self._on_signal)
+        if trainer.is_global_zero:
+            names = " or ".join(signal.Signals(s).name for s in preemption_signals())
+            # Said once the handlers are in place: from here on a signal is safe to send.
+            print(
+                f"Training: {names} now saves a checkpoint at the next optimiser step and "
+                "stops (exit 143); the same command resumes",
+                flush=True,
+            )
 
     def teardown(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
         for signum, handler in self._previous_handlers.items():
@@ -177,7 +185,9 @@ class TrainingState(Callback):
             "epoch": self._epoch,
             "consumed": self._consumed,
             "batches_per_epoch": self._batches_per_epoch,
-            "rng": _rng_state(),
+            # Every rank's own: ranks draw different amounts (dropout on batches of different
+            # lengths), and only rank zero writes the checkpoint. All ranks save together.
+            "rng": distributed.gather_to_all(_rng_state()),
             "seconds": self.seconds_before + time.perf_counter() - self._started,
         }
 
@@ -189,7 +199,9 @@ class TrainingState(Callback):
             epoch, consumed = epoch + 1, 0
         self.sampler.set_epoch(epoch)
         self.sampler.skip = consumed * self.batch_size
-        self._rng_to_restore = state["rng"]
+        # One state per rank, in rank order; the stage's work directory is keyed by the trainer
+        # config, so a checkpoint is only resumed with the number of processes that wrote it.
+        self._rng_to_restore = state["rng"][distributed.rank()]
         self.seconds_before = float(state["seconds"])
 
 

@@ -357,6 +357,8 @@ def settings_from(cfg: DictConfig) -> Settings:
             if field.default is dataclasses.MISSING:
                 checker.problems.append(f"{name} is missing")
             continue
+        if name == "checkpoint" and not OmegaConf.is_dict(cfg.get(name)):
+            continue  # evaluate.py's checkpoint=PATH, not train.py's checkpoint section
         sections[name] = checker.read(kind, cfg.get(name), name)
     seed = checker.read(int, cfg.get("seed"), "seed")
     if checker.problems:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, run_script
+from helpers import REPO, run_script
 from omegaconf import OmegaConf
 
 from clintune.privacy import OPT_IN_KEY, SHIPPED_DATA_DIR, read_manifest, text_policy

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import compose_train
+from helpers import compose_train
 
 from clintune.eval.judge import (
     JudgeItem,

@@ -75,7 +75,7 @@ def test_missing_and_empty_files(tmp_path: Path) -> None:
 
 
 def test_a_rejected_field_is_validated_in_local_files(tmp_path: Path) -> None:
-    from conftest import compose_train
+    from helpers import compose_train
     from hydra.utils import instantiate
 
     path = _write(

@@ -1,6 +1,7 @@
 """Checkpoint and resume: a SIGKILL mid-epoch, then the same command, ends bit-identical to
-an uninterrupted run; SIGTERM saves a checkpoint and exits 143; under submitit the job
-requeues itself and resumes; checkpoints are never half-written."""
+an uninterrupted run (SFT; DPO on one process and on two); SIGTERM saves a checkpoint and
+exits 143; under submitit the job requeues itself and resumes; checkpoints are never
+half-written."""
 
 from __future__ import annotations
 
@@ -15,8 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import REPO, run_script
-from safetensors.torch import load_file
+from helpers import REPO, run_script
 
 from clintune.checkpointing import AtomicCheckpointIO, EpochSampler
 
@@ -57,13 +57,20 @@ def _wait_for(condition, what: str, process: subprocess.Popen | None = None) -> 
         time.sleep(0.05)
 
 
-def _checkpoints(cache: Path) -> list[Path]:
-    return list((cache / "training").glob("sft-*/last.ckpt"))
+def _checkpoints(cache: Path, stage: str = "sft") -> list[Path]:
+    return list((cache / "training").glob(f"{stage}-*/last.ckpt"))
 
 
 def _training_started(log: Path) -> bool:
-    # Lightning prints the model summary as fit starts.
-    return log.is_file() and "Trainable params" in log.read_text(errors="replace")
+    # Printed by TrainingState once its signal handlers are installed: from here a signal is
+    # caught and saved, never the default handler's kill.
+    marker = "now saves a checkpoint at the next optimiser step"
+    return log.is_file() and marker in log.read_text(errors="replace")
+
+
+def _past_fit_setup() -> None:
+    """Into the first steps, so that the signal lands inside training rather than at once."""
+    time.sleep(0.5)
 
 
 def _test_results(run_dir: Path) -> dict[str, float]:
@@ -71,42 +78,128 @@ def _test_results(run_dir: Path) -> dict[str, float]:
     return {key: value for key, value in metrics.items() if key.startswith("test/")}
 
 
-@pytest.mark.slow
-def test_sigkill_mid_epoch_then_same_command_ends_bit_identical(
-    tmp_path: Path, run_env, cache_dir: Path
+def _model_files(run_dir: Path) -> dict[str, bytes]:
+    """Every file of the saved weights folder (full weights or adapter, manifest, tokenizer)."""
+    folder = run_dir / "model"
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        content = path.read_bytes()
+        if path.name == "adapter_config.json":
+            # peft writes target_modules from a set: in an order that differs between processes.
+            config = json.loads(content)
+            config["target_modules"] = sorted(config["target_modules"])
+            content = json.dumps(config, sort_keys=True).encode()
+        files[str(path.relative_to(folder))] = content
+    return files
+
+
+def _kill_mid_epoch_then_rerun_ends_bit_identical(
+    args: list[str],
+    tmp_path: Path,
+    run_env: dict[str, str],
+    cache_dir: Path,
+    *,
+    stage: str,
+    steps_per_epoch: int,
+    total_steps: int,
 ) -> None:
-    args = [*ARGS, "seed=11", "checkpoint.every_n_steps=2"]
+    """Runs ``args`` uninterrupted; then again, SIGKILLed (all ranks) inside the first epoch
+    after its first periodic checkpoint; then the same command once more, which must resume
+    and end with the same weights, predictions and test metrics, bit for bit."""
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     run_script("train.py", [*args, f"hydra.run.dir={reference}"], run_env)
-    assert not _checkpoints(cache_dir), "a finished stage leaves no checkpoint behind"
+    assert not _checkpoints(cache_dir, stage), "a finished stage leaves no checkpoint behind"
 
     process = _start([*args, f"hydra.run.dir={interrupted}"], run_env, tmp_path / "killed.log")
-    _wait_for(lambda: _checkpoints(cache_dir), "the first checkpoint", process)
+    _wait_for(lambda: _checkpoints(cache_dir, stage), "the first checkpoint", process)
     time.sleep(0.3)  # somewhere inside the next steps, not at a save
     assert process.poll() is None
-    os.killpg(process.pid, signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher and, under DDP, every rank
     process.wait()
     assert not (interrupted / "metrics.json").exists()
-    checkpoint = torch.load(_checkpoints(cache_dir)[0], weights_only=False)
-    assert 0 < checkpoint["global_step"] < 12, "killed in the first epoch (12 steps)"
+    checkpoint = torch.load(_checkpoints(cache_dir, stage)[0], weights_only=False)
+    assert 0 < checkpoint["global_step"] < steps_per_epoch, "killed inside the first epoch"
 
     resumed = run_script("train.py", [*args, f"hydra.run.dir={interrupted}"], run_env)
     assert "Resuming" in resumed.stdout
     metrics = json.loads((interrupted / "metrics.json").read_text())
-    assert metrics["compute/sft/resumed"] == 1.0
-    assert metrics["compute/sft/optimizer_steps"] == 24
+    assert metrics[f"compute/{stage}/resumed"] == 1.0
+    assert metrics[f"compute/{stage}/optimizer_steps"] == total_steps
     assert _test_results(interrupted) == _test_results(reference)
     reference_metrics = json.loads((reference / "metrics.json").read_text())
-    # The compute counters carry over the killed attempt: the stage's total cost.
-    assert metrics["compute/sft/tokens"] == reference_metrics["compute/sft/tokens"]
+    # The compute counters carry over the killed attempt (every rank's own share): the
+    # stage's total cost.
+    for counter in ("tokens", "padding_tokens"):
+        key = f"compute/{stage}/{counter}"
+        assert metrics[key] == reference_metrics[key], key
     assert (interrupted / "predictions.jsonl").read_text() == (
         reference / "predictions.jsonl"
     ).read_text()
-    first = load_file(str(reference / "model" / "model.safetensors"))
-    second = load_file(str(interrupted / "model" / "model.safetensors"))
+    first, second = _model_files(reference), _model_files(interrupted)
     assert first.keys() == second.keys()
-    assert all(torch.equal(first[name], second[name]) for name in first)
-    assert not _checkpoints(cache_dir)
+    assert [name for name in first if first[name] != second[name]] == []
+    assert not _checkpoints(cache_dir, stage)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_same_command_ends_bit_identical(
+    tmp_path: Path, run_env, cache_dir: Path
+) -> None:
+    _kill_mid_epoch_then_rerun_ends_bit_identical(
+        [*ARGS, "seed=11", "checkpoint.every_n_steps=2"],
+        tmp_path,
+        run_env,
+        cache_dir,
+        stage="sft",
+        steps_per_epoch=12,  # 96 examples / 8
+        total_steps=24,
+    )
+
+
+DPO_ARGS = [
+    "model=tiny_llama",
+    "task=triage",
+    # A one-word instruction: prompts of 43 to 63 tokens instead of ~265, so cheap steps, whose
+    # lengths still differ between batches and ranks (unlike prompts cut to model.max_length).
+    "task.instruction=Triage",
+    "method=dpo_only",  # no SFT stage: DPO from the tiny model, the cheapest DPO stage
+    "method.pairs.source=label",
+    # A LoRA adapter's dropout draws from the random generators at every step (a different
+    # number of draws on each rank, whose batches differ in length), so a resume that does not
+    # restore every rank's own generators ends with different weights.
+    "model.lora.enabled=true",
+    "method.module.learning_rate=1e-3",
+    "subsample.train=24",
+    "subsample.val=8",
+    "method.train.epochs=1",
+    "eval.limit=4",
+    "eval.bootstrap.samples=20",
+    "stages.reuse=false",
+    "checkpoint.every_n_steps=2",
+    "logger=none",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("trainer", "batch_size", "seed"),
+    [("cpu", 4, 16), ("ddp_cpu", 2, 17)],
+    ids=["1-process", "2-processes"],
+)
+def test_dpo_sigkill_mid_epoch_then_same_command_ends_bit_identical(
+    tmp_path: Path, run_env, cache_dir: Path, trainer: str, batch_size: int, seed: int
+) -> None:
+    _kill_mid_epoch_then_rerun_ends_bit_identical(
+        [*DPO_ARGS, f"trainer={trainer}", f"method.train.batch_size={batch_size}", f"seed={seed}"],
+        tmp_path,
+        run_env,
+        cache_dir,
+        stage="dpo",
+        steps_per_epoch=6,  # 24 pairs / a global batch of 4
+        total_steps=6,
+    )
 
 
 @pytest.mark.slow
@@ -118,6 +211,7 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_the_rerun_resumes(
     log = tmp_path / "run.log"
     process = _start(args, run_env, log)
     _wait_for(lambda: _training_started(log), "training to start", process)
+    _past_fit_setup()
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=300)
     stdout = log.read_text()
@@ -163,6 +257,7 @@ def test_sigterm_under_submitit_saves_requeues_and_the_requeued_job_resumes(
         return any(_training_started(log) for log in sweep.glob(".submitit/*/*_log.*"))
 
     _wait_for(task_training, "the submitit task to train", process)
+    _past_fit_setup()
     task = _submitit_task(sweep)
     assert task is not None
     task.send_signal(signal.SIGTERM)
@@ -229,6 +324,63 @@ def test_random_generator_states_survive_a_weights_only_checkpoint_load(tmp_path
     assert (np.random.rand(), random.random()) == expected[1:]
 
 
+def _generator_fingerprint() -> bytes:
+    return torch.get_rng_state().numpy().tobytes()
+
+
+def test_building_a_tiny_model_leaves_the_random_generators_as_finding_it_cached_does(
+    tmp_path: Path,
+) -> None:
+    """A run that builds the tiny model (cold cache) must go on drawing the same numbers (LoRA
+    initialisation, dropout) as a run that finds it, or a command's first run differs from its
+    reruns, a resumed one included."""
+    from clintune.models.tiny import TinyModelSpec, ensure_tiny_model
+
+    spec = TinyModelSpec(
+        arch="llama",
+        vocab_size=300,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        corpus=[str(REPO / "data" / "classification" / "val.jsonl")],
+    )
+    torch.manual_seed(5)
+    ensure_tiny_model(spec, tmp_path)  # builds
+    after_build = _generator_fingerprint()
+    torch.manual_seed(5)
+    ensure_tiny_model(spec, tmp_path)  # finds it
+    assert _generator_fingerprint() == after_build
+
+
+def test_the_dpo_reference_pass_leaves_the_random_generators_as_a_cache_hit_does() -> None:
+    """The reference pass runs only when its log-probs are not cached; iterating its loader
+    must not draw from the generator that training's dropout then uses."""
+    from torch.utils.data import DataLoader
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from clintune.methods.dpo import precompute_reference_logps
+    from clintune.tokenization import EncodedPair, collate_pairs
+
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    model = LlamaForCausalLM(config)
+    pairs = [EncodedPair([1, 2, 3], [4, 5], [6]), EncodedPair([7, 8], [9], [10, 11, 12])]
+    loader = DataLoader(pairs, batch_size=1, collate_fn=lambda rows: collate_pairs(rows, 0))
+    torch.manual_seed(5)
+    untouched = _generator_fingerprint()
+    chosen, rejected, tokens = precompute_reference_logps(model, loader)
+    assert chosen.shape == rejected.shape == (2,) and tokens > 0
+    assert _generator_fingerprint() == untouched
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("signum", "seed"), [(signal.SIGTERM, 14), (signal.SIGUSR2, 15)], ids=["SIGTERM", "SIGUSR2"]
@@ -248,6 +400,7 @@ def test_a_signal_to_a_two_process_run_saves_once_and_the_rerun_resumes_on_both_
     log = tmp_path / "run.log"
     process = _start(args, run_env, log)
     _wait_for(lambda: _training_started(log), "training to start", process)
+    _past_fit_setup()
     process.send_signal(signum)  # to the launching process only
     process.wait(timeout=300)
     assert process.returncode == 143, log.read_text()

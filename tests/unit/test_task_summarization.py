@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import compose_train, run_script
+from helpers import compose_train, run_script
 from hydra.utils import instantiate
 from scipy import stats
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, compose_train
+from helpers import REPO, compose_train
 
 from clintune.settings import ConfigError, DPOSettings, SFTSettings, settings_from
 from clintune.stages import StageContext, sft_stage_key
@@ -214,3 +214,12 @@ def test_the_key_reads_the_typed_settings_not_a_second_copy(tmp_path: Path) -> N
     ctx = StageContext(cfg, settings, None, SPLITS, tmp_path, None)  # type: ignore[arg-type]
     ctx_changed = StageContext(cfg, changed, None, SPLITS, tmp_path, None)  # type: ignore[arg-type]
     assert sft_stage_key(ctx, settings.method) != sft_stage_key(ctx_changed, changed.method)
+
+
+def test_evaluate_configs_with_a_checkpoint_path_are_valid(tmp_path: Path) -> None:
+    """evaluate.py's ``checkpoint=PATH`` is a path, not train.py's checkpoint section."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=[f"checkpoint={tmp_path}"])
+    assert settings_from(cfg).checkpoint is None

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import compose_train
+from helpers import compose_train
 from hydra.utils import instantiate
 
 from clintune.methods.preferences import SOURCES, build_pairs

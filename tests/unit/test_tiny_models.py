@@ -8,7 +8,7 @@ import multiprocessing
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from clintune.models.tiny import COMPLETE_MARKER, TinyModelSpec, cache_key, ensure_tiny_model
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose_train
+from helpers import compose_train
 
 from clintune.methods.dpo import pair_forward
 from clintune.models.loading import load_model

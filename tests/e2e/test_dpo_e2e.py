@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import REPO, compose_train, run_script
+from helpers import REPO, compose_train, run_script
 
 from clintune.models.loading import CHECKPOINT_MANIFEST, load_model
 from clintune.stages import STAGE_COMPLETE

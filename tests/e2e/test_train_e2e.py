@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_script
+from helpers import run_script
 
 from clintune.models.loading import CHECKPOINT_MANIFEST
 from clintune.wandb_files import find_offline_runs, read_run

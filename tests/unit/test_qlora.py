@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_train, run_script
+from helpers import compose_train, run_script
 from omegaconf import OmegaConf
 
 from clintune.errors import UserError

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import REPO, compose_train
+from helpers import REPO, compose_train
 from hydra.utils import instantiate
 
 from clintune import distributed

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_train
+from helpers import compose_train
 
 from clintune.methods.losses import sft_loss
 from clintune.models.loading import load_for_training, uses_gradient_checkpointing

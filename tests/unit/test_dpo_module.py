@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import compose_train
+from helpers import compose_train
 from peft import LoraConfig, TaskType, get_peft_model
 from torch.utils.data import DataLoader
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_script
+from helpers import REPO, run_script
 
 SHORT = [
     "method.train.max_steps=2",

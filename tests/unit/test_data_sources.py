@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO, compose_train, run_script
+from helpers import REPO, compose_train, run_script
 from hydra.utils import instantiate
 
 from clintune.pipeline import LeakageError, check_leakage

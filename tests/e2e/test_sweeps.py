@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_script
+from helpers import run_script
 
 TINY = [
     "method.train.max_steps=2",
@@ -142,7 +142,7 @@ def test_launcher_presets_compose(preset: str, target: str, run_env) -> None:
 
 
 def test_wandb_sweep_files_describe_the_grids() -> None:
-    from conftest import REPO
+    from helpers import REPO
 
     study = yaml.safe_load((REPO / "sweeps" / "wandb_study_grid.yaml").read_text())
     assert study["program"] == "train.py" and study["method"] == "grid"

@@ -10,7 +10,7 @@ from typing import Any
 import hydra
 import pytest
 import yaml
-from conftest import compose_train, run_script
+from helpers import compose_train, run_script
 
 from clintune.tasks.data import DataValidationError
 from clintune.tasks.reasoning import (

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import yaml
-from conftest import run_script
+from helpers import run_script
 
 MODELS = ["tiny_llama", "tiny_mistral", "llama3", "mistral2"]
 METHODS = ["base", "sft"]
