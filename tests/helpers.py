@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
@@ -40,3 +41,19 @@ def compose_train(overrides: list[str], cache: Path) -> DictConfig:
         cfg.paths.root = str(REPO)
         cfg.paths.cache_dir = str(cache)
     return cfg
+
+
+def micro_llama() -> Any:
+    """A one-layer Llama of a few thousand parameters, random weights from the current seed:
+    for tests of module arithmetic that need a real causal LM but not a tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    return LlamaForCausalLM(config)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_script
+from helpers import micro_llama, run_script
 from safetensors.torch import load_file
 
 from clintune.distributed import processes_per_job, shard_bounds
@@ -65,19 +65,9 @@ class _FakeTrainer:
 
 
 def _tiny_float64_sft_module() -> SFTModule:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
     # float64: the two-rank gradients must agree with one process's to rounding only.
-    return SFTModule(LlamaForCausalLM(config).double(), learning_rate=1e-3)
+    return SFTModule(micro_llama().double(), learning_rate=1e-3)
 
 
 def _gradients(

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from helpers import REPO, run_script
+from helpers import REPO, micro_llama, run_script
 
 from clintune.checkpointing import AtomicCheckpointIO, EpochSampler
 
@@ -358,20 +358,11 @@ def test_the_dpo_reference_pass_leaves_the_random_generators_as_a_cache_hit_does
     """The reference pass runs only when its log-probs are not cached; iterating its loader
     must not draw from the generator that training's dropout then uses."""
     from torch.utils.data import DataLoader
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from clintune.methods.dpo import precompute_reference_logps
     from clintune.tokenization import EncodedPair, collate_pairs
 
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    model = LlamaForCausalLM(config)
+    model = micro_llama()
     pairs = [EncodedPair([1, 2, 3], [4, 5], [6]), EncodedPair([7, 8], [9], [10, 11, 12])]
     loader = DataLoader(pairs, batch_size=1, collate_fn=lambda rows: collate_pairs(rows, 0))
     torch.manual_seed(5)
