@@ -46,6 +46,32 @@ def _peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
+def _matmul_params(model: Any) -> int:
+    """Parameters that take part in matrix products: all but the input embedding (a lookup).
+    Training costs about 6 FLOPs per such parameter per token, a forward pass 2."""
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())
+    # A tied head is the embedding matrix: count it once, as the head.
+    return total - embedding.numel() + (head.numel() if head is embedding else 0)
+
+
+def measure_matmul_gflops(threads: int, size: int = 2048, seconds: float = 3.0) -> float:
+    """The float32 matrix-multiply rate of this machine at ``threads`` threads: the ceiling
+    the training runs are measured against."""
+    import torch
+
+    torch.set_num_threads(threads)
+    left, right = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        left @ right
+    runs, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds:
+        left @ right
+        runs += 1
+    return 2 * size**3 * runs / elapsed / 1e9
+
+
 def _compose(model: str, cache_dir: str) -> Any:
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
@@ -208,6 +234,7 @@ def _run_ours(args: argparse.Namespace, method: str, result: dict[str, Any]) -> 
     L.seed_everything(args.seed, verbose=False)
     setup = _setup(args)
     result["rss_loaded_mb"] = _peak_rss_mb()
+    result["matmul_params"] = _matmul_params(setup["model"])
     cfg, model, tokenizer = setup["cfg"], setup["model"], setup["tokenizer"]
     pad_id = tokenizer.pad_token_id
     sft = method == "sft"
@@ -338,6 +365,7 @@ def _run_trl(args: argparse.Namespace, method: str, result: dict[str, Any]) -> N
 
     setup = _setup(args)
     result["rss_loaded_mb"] = _peak_rss_mb()
+    result["matmul_params"] = _matmul_params(setup["model"])
     cfg, model, tokenizer = setup["cfg"], setup["model"], setup["tokenizer"]
     sft = method == "sft"
     ours = _our_encodings(setup, args.max_length, sft)
@@ -462,6 +490,10 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.worker == "matmul":
+        rate = measure_matmul_gflops(args.threads)
+        Path(args.result_file).write_text(json.dumps({"matmul_gflops": rate}))
+        return
     impl, method = args.worker.split(":")
     result: dict[str, Any] = {"implementation": impl, "method": method}
     (_run_ours if impl == "ours" else _run_trl)(args, method, result)
@@ -526,7 +558,19 @@ def _median(runs: list[dict[str, Any]], key: str) -> float:
     return float(statistics.median(r[key] for r in runs))
 
 
-def summarise(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+def model_gflops_per_step(row: dict[str, Any], method: str, batch_size: int, pairs: int) -> float:
+    """Model FLOPs of one training step, the way MFU counts them: 6 per matmul parameter per
+    token the step's forward passes see (padding excluded), plus 2 per token for a reference
+    model's forward pass (``dpo-copy``). Each implementation is credited its own tokens."""
+    batches_per_epoch = -(-pairs // batch_size)
+    tokens_per_step = row["tokens"] / batches_per_epoch
+    per_token = 6 + (2 if method == "dpo-copy" else 0)
+    return per_token * row["matmul_params"] * tokens_per_step / 1e9
+
+
+def summarise(
+    results: list[dict[str, Any]], args: argparse.Namespace, matmul_gflops: float | None = None
+) -> dict[str, Any]:
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for impl in IMPLEMENTATIONS:
         for method in args.methods:
@@ -559,7 +603,24 @@ def summarise(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[s
                 "share_prompt": runs[0].get("share_prompt"),
                 "repeats": len(runs),
             }
-    return {"rows": {f"{i}/{m}": v for (i, m), v in rows.items()}, "_keys": rows}
+            if "matmul_params" in runs[0]:
+                row = rows[impl, method]
+                row["matmul_params"] = runs[0]["matmul_params"]
+                gflops = model_gflops_per_step(row, method, args.batch_size, args.pairs) / s_step
+                row["model_gflops_per_s"] = gflops
+                row["fraction_of_matmul_rate"] = gflops / matmul_gflops if matmul_gflops else None
+    return {
+        "rows": {f"{i}/{m}": v for (i, m), v in rows.items()},
+        "_keys": rows,
+        "matmul_gflops": matmul_gflops,
+    }
+
+
+def _gflops_cells(row: dict[str, Any]) -> str:
+    if row.get("model_gflops_per_s") is None:
+        return "- | -"
+    fraction = row.get("fraction_of_matmul_rate")
+    return f"{row['model_gflops_per_s']:.1f} | " + (f"{fraction:.0%}" if fraction else "-")
 
 
 def _shared(rows: dict[tuple[str, str], dict[str, Any]]) -> str:
@@ -576,11 +637,16 @@ def render(summary: dict[str, Any], args: argparse.Namespace) -> str:
         f"vocab_size={args.vocab_size or 'model'} prompt_tokens={args.prompt_tokens or 'data'} "
         f"warm-up steps excluded={args.warmup_steps} fp32, AdamW, batches in data order",
         f"ours: DPO prompt sharing (method.share_prompt) = {_shared(rows)}",
+        f"float32 matmul rate measured in this run: {summary['matmul_gflops']:.1f} GFLOP/s "
+        "(model GFLOP/s count 6 FLOPs per matmul parameter per real token, 8 with a reference"
+        " copy)"
+        if summary.get("matmul_gflops")
+        else "",
         "",
         "| implementation | method | reference | per s (steady) | s/step | s/step range "
         "| CPU s/step | ref. precompute s | per s incl. precompute | peak RSS MB "
-        "| RSS growth MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| RSS growth MB | model GFLOP/s | of matmul rate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method in args.methods:
         for impl in IMPLEMENTATIONS:
@@ -594,7 +660,7 @@ def render(summary: dict[str, Any], args: argparse.Namespace) -> str:
                 f"| {low:.3f}–{high:.3f} | {row['cpu_s_per_step']:.3f} "
                 f"| {row['precompute_seconds']:.2f} "
                 f"| {row['examples_per_s_with_reference']:.2f} | {row['peak_rss_mb']:.0f} "
-                f"| {row['rss_growth_mb']:.0f} |"
+                f"| {row['rss_growth_mb']:.0f} | {_gflops_cells(row)} |"
             )
     lines += [
         "",
@@ -713,6 +779,8 @@ def main(argv: list[str] | None = None) -> None:
     resolve_source(_compose(args.model, args.cache_dir).model, args.cache_dir)
     results = []
     started = time.perf_counter()
+    print("[     0s] measuring the matmul rate", file=sys.stderr)
+    matmul_gflops = _run_worker(args, "matmul")["matmul_gflops"]
     for repeat in range(args.repeats):
         # Alternate which implementation goes first, so neither always runs on a warmer machine.
         order = IMPLEMENTATIONS if repeat % 2 == 0 else IMPLEMENTATIONS[::-1]
@@ -723,7 +791,7 @@ def main(argv: list[str] | None = None) -> None:
                 result = _run_worker(args, name)
                 result["repeat"] = repeat
                 results.append(result)
-    summary = summarise(results, args)
+    summary = summarise(results, args, matmul_gflops)
     print(render(summary, args))
     if args.out:
         out = Path(args.out)
@@ -731,6 +799,7 @@ def main(argv: list[str] | None = None) -> None:
         payload = {
             "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "result_file")},
             "summary": summary["rows"],
+            "matmul_gflops": matmul_gflops,
             "runs": results,
         }
         out.write_text(json.dumps(payload, indent=2))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -24,6 +25,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch.utils.data import DistributedSampler
 
 from clintune import distributed
+from clintune.batching import length_grouped_order
 from clintune.errors import TrainingInterrupted, preemption_signals
 from clintune.io import atomic_open
 from clintune.models.loading import save_trained
@@ -45,6 +47,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class EpochSampler(DistributedSampler):
     """Shuffles by ``seed + epoch`` the same way whatever the number of processes, and rank r
     takes every W-th index, so one process and W processes see the same global batches.
+    With ``lengths``, global batches of ``batch_size`` × W items are grouped by length
+    (``batching.length_grouped_order``); the order depends on the global batch, not on W.
     ``skip`` drops this rank's indices already consumed in the epoch (set when resuming)."""
 
     def __init__(
@@ -55,6 +59,9 @@ class EpochSampler(DistributedSampler):
         seed: int,
         num_replicas: int | None = None,
         rank: int | None = None,
+        lengths: Sequence[int] | None = None,
+        batch_size: int = 1,
+        bucket_batches: int = 1,
     ) -> None:
         super().__init__(
             dataset,
@@ -63,10 +70,36 @@ class EpochSampler(DistributedSampler):
             shuffle=shuffle,
             seed=seed,
         )
+        if lengths is not None and len(lengths) != len(dataset):
+            raise ValueError(f"{len(lengths)} lengths for {len(dataset)} items")
+        self.lengths = lengths
+        self.global_batch = batch_size * self.num_replicas
+        self.bucket_batches = bucket_batches
         self.skip = 0
 
+    def _grouped_indices(self) -> list[int]:
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        count = len(self.dataset)  # type: ignore[arg-type]
+        if self.shuffle:
+            order = torch.randperm(count, generator=generator).tolist()
+        else:
+            order = list(range(count))
+        assert self.lengths is not None
+        order = length_grouped_order(
+            order,
+            self.lengths,
+            global_batch=self.global_batch,
+            bucket_batches=self.bucket_batches,
+            generator=generator,
+        )
+        # As DistributedSampler does: repeat from the start so every rank gets as many.
+        padding = self.total_size - len(order)
+        order += (order * (padding // max(len(order), 1) + 1))[:padding]
+        return order[self.rank : self.total_size : self.num_replicas]
+
     def __iter__(self) -> Any:
-        indices = list(super().__iter__())
+        indices = list(super().__iter__()) if self.lengths is None else self._grouped_indices()
         skip, self.skip = self.skip, 0
         return iter(indices[skip:])
 

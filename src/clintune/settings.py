@@ -66,6 +66,9 @@ class TrainSettings:
     gradient_clip_val: float | None = dataclasses.field(metadata=_minimum(0))
     # null: once per epoch; a float is a fraction of an epoch, an int a number of steps
     val_check_interval: int | float | None = dataclasses.field(metadata=_positive())
+    # Batches of similar lengths (less padding): sort within buckets of this many global batches.
+    group_by_length: bool
+    length_bucket_batches: int = dataclasses.field(metadata=_minimum(1))
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from clintune import distributed, rundir
+from clintune.batching import padded_length
 from clintune.checkpointing import (
     LAST_CHECKPOINT,
     AtomicCheckpointIO,
@@ -144,7 +145,14 @@ def fit(
     the work directory's last checkpoint when there is one."""
     train_set, val_set = datasets
     seed = ctx.settings.seed
-    train_sampler = EpochSampler(train_set, shuffle=True, seed=seed)
+    train_sampler = EpochSampler(
+        train_set,
+        shuffle=True,
+        seed=seed,
+        lengths=[padded_length(item) for item in train_set] if train.group_by_length else None,
+        batch_size=train.batch_size,
+        bucket_batches=train.length_bucket_batches,
+    )
     # Own generators, so that loaders never draw from the global one that dropout uses.
     train_loader = DataLoader(
         train_set,
