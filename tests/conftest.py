@@ -15,6 +15,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import compose_train
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under ``-n N`` each worker gets its share of the cores, and so do the train.py processes
+    it starts (they inherit the environment): N workers each running torch on every core would
+    spin on one another's cores and run slower than one worker alone."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = threads
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("clintune-cache")

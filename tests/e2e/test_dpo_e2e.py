@@ -20,7 +20,8 @@ from clintune.models.loading import CHECKPOINT_MANIFEST, load_model
 from clintune.stages import STAGE_COMPLETE
 from clintune.wandb_files import find_offline_runs, read_run
 
-pytestmark = pytest.mark.slow
+# One worker runs this module under -n: its module fixtures are shared runs.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dpo_e2e")]
 
 TRAIN_EXAMPLES, VAL_EXAMPLES = 48, 16
 SFT_STEPS = 6

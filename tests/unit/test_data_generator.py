@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+# One worker runs this module under -n: its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("data_generator")
+
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "data"
 SCRIPT = DATA / "generate.py"

@@ -28,6 +28,9 @@ from clintune.models.loading import (
 )
 from clintune.tokenization import IGNORE_INDEX, EncodedPair, collate_pairs, encode_pair
 
+# One worker runs this module under -n: its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("dpo_module")
+
 TOL = 1e-5
 INSTRUCTION = "Does this note meet the UTI criteria? Answer yes or no."
 PAIRS = [

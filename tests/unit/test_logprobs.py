@@ -22,6 +22,9 @@ from clintune.tokenization import (
     encode_pair,
 )
 
+# One worker runs this module under -n: its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("logprobs")
+
 
 def _reference_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
     return torch.log_softmax(hidden @ weight.t(), -1).gather(1, targets[:, None]).squeeze(1)

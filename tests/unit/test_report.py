@@ -20,6 +20,9 @@ from clintune.report import build_report, collect_dirs, collect_wandb, write_rep
 from clintune.report.__main__ import main
 from clintune.report.table import Report
 
+# One worker runs this module under -n: its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("report")
+
 MODELS = ("m1", "m2")
 METHODS = ("base", "sft", "dpo")
 SEEDS = (1, 2)

@@ -27,6 +27,9 @@ from statsmodels.stats.contingency_tables import mcnemar
 from clintune.report import build_report, collect_dirs
 from clintune.report.table import COMPARISONS, Comparison, Report
 
+# One worker runs this module under -n: its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("report_pvalues")
+
 MODEL = "m1"
 METHODS = ("base", "sft", "dpo")
 SEEDS = (1, 2)

@@ -16,6 +16,9 @@ from clintune.tasks.data import DataValidationError
 from clintune.tasks.triage import TriageTask, parse_triage
 from clintune.tokenization import completion_text
 
+# One worker runs this module under -n: its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("task_triage")
+
 PROVIDERS = ["physician", "nurse", "pharmacist", "admin"]
 URGENCIES = ["routine", "soon", "urgent", "emergent"]
 

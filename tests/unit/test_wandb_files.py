@@ -15,6 +15,9 @@ import pytest
 
 from clintune.wandb_files import OfflineRun, find_offline_runs, read_run
 
+# One worker runs this module under -n: its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("wandb_files")
+
 BIG = "x" * 70_000  # > two 32 KiB blocks, so the record is split into FIRST/MIDDLE/LAST chunks
 
 
