@@ -410,13 +410,16 @@ def enable_memory_savers(model: Any, model_cfg: DictConfig) -> None:
     """Gradient checkpointing when ``model.gradient_checkpointing`` is set: non-reentrant, so
     that it composes with LoRA (frozen inputs) and with DDP."""
     if model_cfg.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed it; the old name warns and goes in v6.
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
         model.config.use_cache = False
 
 
 def uses_gradient_checkpointing(model: Any) -> bool:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return bool(getattr(inner, "is_gradient_checkpointing", False))
+    return bool(getattr(inner, "is_activation_checkpointing", False))
 
 
 @contextlib.contextmanager
