@@ -26,6 +26,7 @@ from packaging.version import Version
 from clintune import distributed
 from clintune.errors import UserError
 from clintune.io import build_directory_once, content_hash, file_sha256
+from clintune.models.architecture import check_architecture
 from clintune.models.tiny import TinyModelSpec, ensure_tiny_model
 
 CHECKPOINT_MANIFEST = "clintune_checkpoint.json"
@@ -344,6 +345,9 @@ def load_model(
         return LoadedModel(model=model, tokenizer=tokenizer, source=source, is_lora=True)
     tokenizer = load_tokenizer(source)
     model = _from_pretrained(source, model_cfg, quantize=quantize)
+    architecture = model_cfg.get("architecture")
+    if architecture:
+        check_architecture(model.config, OmegaConf.to_container(architecture), source)
     is_lora = False
     if trainable_lora and model_cfg.lora.enabled:
         from peft import get_peft_model
@@ -410,8 +414,15 @@ def enable_memory_savers(model: Any, model_cfg: DictConfig) -> None:
     """Gradient checkpointing when ``model.gradient_checkpointing`` is set: non-reentrant, so
     that it composes with LoRA (frozen inputs) and with DDP."""
     if model_cfg.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_gradient_checkpointing(model)
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Each decoder layer recomputed in backward, non-reentrant: it composes with LoRA
+    (frozen inputs), DDP and FSDP2 (whose hooks leave the recomputation's gathering to the
+    backward pass). Layers that recompute keep no KV cache."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
 
 
 def uses_gradient_checkpointing(model: Any) -> bool:
