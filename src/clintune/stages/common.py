@@ -110,7 +110,8 @@ def _resume_checkpoint(ctx: StageContext, work_dir: Path) -> Path | None:
     assert ctx.settings.stages is not None
     if distributed.is_rank_zero() and not ctx.settings.stages.resume:
         shutil.rmtree(work_dir, ignore_errors=True)
-    found = distributed.broadcast_from_rank_zero(checkpoint.is_file())
+    # A file, or under FSDP a link to a directory of shards (a dangling link does not exist).
+    found = distributed.broadcast_from_rank_zero(checkpoint.exists())
     return checkpoint if found else None
 
 
