@@ -132,11 +132,20 @@ def _compute_dtype(model_cfg: DictConfig) -> torch.dtype:
     return torch.bfloat16 if name is None else _dtype(name)
 
 
+def _attention(model_cfg: DictConfig) -> dict[str, str]:
+    """``attn_implementation`` for ``from_pretrained`` when ``model.attn_implementation`` is
+    set (eager, sdpa, flash_attention_2); transformers' own default otherwise."""
+    implementation = model_cfg.get("attn_implementation")
+    return {"attn_implementation": str(implementation)} if implementation else {}
+
+
 def _from_pretrained(path: str | Path, model_cfg: DictConfig, *, quantize: bool) -> Any:
     from transformers import AutoModelForCausalLM
 
     if not quantize:
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=_dtype(model_cfg.get("dtype")))
+        return AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=_dtype(model_cfg.get("dtype")), **_attention(model_cfg)
+        )
     from transformers import BitsAndBytesConfig
 
     dtype = _compute_dtype(model_cfg)
@@ -153,6 +162,7 @@ def _from_pretrained(path: str | Path, model_cfg: DictConfig, *, quantize: bool)
         # bitsandbytes quantizes as it places the weights: on this process's GPU (under DDP,
         # the one of its local rank); moving a 4-bit model later is supported, casting it is not.
         device_map={"": int(os.environ.get("LOCAL_RANK", "0"))},
+        **_attention(model_cfg),
     )
 
 
@@ -245,7 +255,9 @@ def _base_for_checkpoint(
         return _from_pretrained(path, model_cfg, quantize=True)
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(manifest.get("base_weights") or source, dtype=dtype)
+    base = AutoModelForCausalLM.from_pretrained(
+        manifest.get("base_weights") or source, dtype=dtype, **_attention(model_cfg)
+    )
     if manifest.get("merged_adapter"):
         from peft import PeftModel
 

@@ -269,6 +269,7 @@ def run_dpo_stage(
         policy,
         result.trainer.global_step,
         reference_tokens=reference_tokens,
+        tokens_per_second=result.tokens_per_second,
     )
     metrics.update(pair_counts)
     metrics["compute/dpo/resumed"] = float(result.resumed)
