@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     matmul = matmul_flops(device)
     gpus = torch.cuda.device_count() if device == "cuda" else 0
     name = torch.cuda.get_device_name(0) if gpus else "cpu"
-    print(f"device: {name} × {gpus or 1}; bf16 matmul {matmul / 1e12:.2f} TFLOP/s", flush=True)
+    print(f"device: {name} × {gpus or 1}; bf16 matmul {matmul / 1e12:.3g} TFLOP/s", flush=True)
     shape = SMOKE_SHAPE if args.smoke else LLAMA32_1B
     model_dir = build_random_model(shape, cache_dir, device)
     print(f"model: random Llama-3.2-1B shape {shape} at {model_dir}", flush=True)
