@@ -373,6 +373,12 @@ def _with_sharding(checker: _Checker, trainer: TrainerSettings, node: Any) -> Tr
 def _cross_checks(checker: _Checker, settings: Settings, cfg: DictConfig) -> None:
     method = settings.method
     lora = bool(OmegaConf.select(cfg, "model.lora.enabled", default=False))
+    quantization = OmegaConf.select(cfg, "model.quantization", default=None)
+    if quantization is not None and settings.trainer.sharding is not None:
+        checker.problems.append(
+            f"model.quantization={quantization} cannot be sharded (4-bit weights under FSDP are "
+            "not supported): use trainer=gpu or trainer=ddp for QLoRA"
+        )
     if isinstance(method, DPOSettings):
         if method.reference == "adapter_disabled" and not lora:
             checker.problems.append(

@@ -166,6 +166,9 @@ def test_the_fsdp_strategy_is_checked_before_anything_loads(tmp_path: Path) -> N
     problems = _problems_of(cfg)
     assert any(p.startswith("trainer.strategy.param_dtype='bf16' is not allowed") for p in problems)
     assert any("did you mean trainer.strategy.activation_checkpointing?" in p for p in problems)
+    qlora = ["model=llama3", "model.quantization=4bit", "model.lora.enabled=true"]
+    cfg = compose_train([*qlora, "trainer=fsdp"], tmp_path)
+    assert any("cannot be sharded" in problem for problem in _problems_of(cfg))
     cfg = compose_train(["trainer=fsdp_cpu", "trainer.strategy.data_parallel_size=4"], tmp_path)
     assert _problems_of(cfg) == [
         "trainer.strategy.data_parallel_size=4 must equal trainer.devices=2 (parameters are "
