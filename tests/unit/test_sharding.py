@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -217,3 +218,25 @@ def test_the_root_forward_is_where_a_sharded_head_is_whole(process_group: None) 
         module.model, lambda model: model.get_output_embeddings().weight.detach().clone()
     )
     assert type(seen) is torch.Tensor and seen.shape == (32, 16)
+
+
+def test_a_sharded_checkpoint_is_published_whole_or_not_at_all(tmp_path: Path) -> None:
+    """``last.ckpt`` is a link replaced in one rename: until a new version is complete and
+    published, it points at the previous one; publishing removes every other version."""
+    from clintune.sharding import _publish_checkpoint
+
+    link = tmp_path / "last.ckpt"
+
+    def version(name: str, step: int) -> Path:
+        directory = tmp_path / f"last.ckpt.{name}"
+        directory.mkdir()
+        (directory / "meta.pt").write_text(str(step))
+        return directory
+
+    _publish_checkpoint(link, version("a", 1))
+    killed = version("b", 2)  # written, then the save was killed before publishing
+    assert (link / "meta.pt").read_text() == "1"
+    _publish_checkpoint(link, version("c", 3))
+    assert link.is_symlink() and (link / "meta.pt").read_text() == "3"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.c"]
+    assert not killed.exists()
