@@ -109,3 +109,14 @@ def test_weights_that_are_not_the_declared_model_stop_the_run(tmp_path: Path) ->
         check_architecture(llama, declared, "meta-llama/Meta-Llama-3-8B-Instruct")
     assert "arch: declared 'mistral', loaded 'llama'" in str(raised.value)
     assert "rope_theta: declared 1000000.0, loaded 500000.0" in str(raised.value)
+
+
+def test_loading_weights_checks_them_against_the_declared_architecture(cache_dir: Path) -> None:
+    from clintune.models.loading import load_model
+
+    declared = ["+model.architecture.arch=llama", "+model.architecture.num_hidden_layers=32"]
+    cfg = compose_train(["model=tiny_llama", *declared], cache_dir)
+    with pytest.raises(UserError, match="num_hidden_layers: declared 32, loaded 4"):
+        load_model(cfg.model, cache_dir)
+    matching = ["+model.architecture.arch=llama", "+model.architecture.num_hidden_layers=4"]
+    assert load_model(compose_train(["model=tiny_llama", *matching], cache_dir).model, cache_dir)
