@@ -109,8 +109,9 @@ def shard_causal_lm(
         )
     if not frozen:
         _to_trainable_dtype(model, trainable_dtype, names, upcast)
-    # The root keeps its parameters gathered after forward: backward needs them at once.
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    # A trained root keeps its parameters gathered after forward (backward needs them at
+    # once, and reshards them after); a frozen one has no backward, so it reshards at once.
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True if frozen else None)
     setattr(model, _SAVED_DTYPES, upcast)
     setattr(model, ROOT_CALL, types.MethodType(_root_call, model))
     register_fsdp_forward_method(model, ROOT_CALL)

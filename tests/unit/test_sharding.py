@@ -176,7 +176,13 @@ def test_dpo_with_a_sharded_reference_copy_trains_as_unsharded(
     _, sharded = _assert_same(make, _pair_batches(shared_prompt), _plan())
     from torch.distributed.fsdp import FSDPModule
 
-    assert isinstance(sharded.frozen_models()[0], FSDPModule)
+    from torch.distributed.tensor import DTensor
+
+    reference = sharded.frozen_models()[0]
+    assert isinstance(reference, FSDPModule)
+    # With no backward to free them, the reference's gathered root parameters (embeddings, LM
+    # head: 2 GB at Llama-3-8B's vocabulary) are freed after each forward.
+    assert isinstance(reference.get_output_embeddings().weight, DTensor)
 
 
 def test_dpo_with_lora_and_the_adapter_disabled_reference_trains_as_unsharded(
