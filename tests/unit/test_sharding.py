@@ -175,7 +175,6 @@ def test_dpo_with_a_sharded_reference_copy_trains_as_unsharded(
 
     _, sharded = _assert_same(make, _pair_batches(shared_prompt), _plan())
     from torch.distributed.fsdp import FSDPModule
-
     from torch.distributed.tensor import DTensor
 
     reference = sharded.frozen_models()[0]
