@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import FSDPStrategy
 from torch.utils.data import DistributedSampler
 
 from clintune import distributed
@@ -29,6 +28,7 @@ from clintune.batching import length_grouped_order
 from clintune.errors import TrainingInterrupted, preemption_signals
 from clintune.io import atomic_open
 from clintune.models.loading import save_trained
+from clintune.sharding import ShardedStrategy, full_state_dict
 
 LAST_CHECKPOINT = "last.ckpt"
 
@@ -282,10 +282,9 @@ class SaveWeights(Callback):
 
     def _write(self, trainer: L.Trainer, module: L.LightningModule, value: float | None) -> None:
         state_dict = None
-        if isinstance(trainer.strategy, FSDPStrategy):
+        if isinstance(trainer.strategy, ShardedStrategy):
             # Sharded parameters: every rank takes part in gathering the full weights.
-            full = trainer.strategy.lightning_module_state_dict()
-            state_dict = {k.removeprefix("model."): v for k, v in full.items()}
+            state_dict = full_state_dict(module.model)
         if trainer.is_global_zero:
             info = {**self.info, "step": trainer.global_step, self.monitor: value}
             save_trained(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import resource
 import sys
+import time
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from clintune import distributed
 from clintune.models.loading import count_parameters
@@ -35,6 +38,39 @@ def peak_memory_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+class StepThroughput(Callback):
+    """Training tokens per second (summed over ranks) over the optimiser steps after the
+    first, which pays for allocation, kernel selection and FSDP's lazy set-up: the steady
+    rate, which a short run's ``train_seconds`` (set-up and validation included) understates.
+    NaN when fewer than two steps ran in this attempt."""
+
+    def __init__(self) -> None:
+        self._started: float | None = None
+        self._tokens_before = 0
+        self.tokens_per_second = math.nan
+
+    def on_train_batch_end(self, trainer: Any, module: Any, *args: Any) -> None:
+        if self._started is None and trainer.global_step >= 1:
+            _synchronize()
+            self._started = time.perf_counter()
+            self._tokens_before = int(module.tokens_trained)
+
+    def on_train_end(self, trainer: Any, module: Any) -> None:
+        _synchronize()
+        started = self._started
+        elapsed = time.perf_counter() - started if started is not None else 0.0
+        tokens = int(module.tokens_trained) - self._tokens_before if started is not None else 0
+        # Every rank takes part, measured or not: the gathers are collective.
+        elapsed = max(distributed.gather_to_all(elapsed))
+        tokens = sum(distributed.gather_to_all(tokens))
+        self.tokens_per_second = tokens / elapsed if elapsed > 0 and tokens > 0 else math.nan
+
+
 def stage_compute(
     stage: str,
     seconds: float,
@@ -42,6 +78,7 @@ def stage_compute(
     model: torch.nn.Module,
     steps: int,
     reference_tokens: int = 0,
+    tokens_per_second: float = math.nan,
 ) -> dict[str, float]:
     """A stage's ``compute/<stage>/…`` figures, summed (tokens) or maxed (memory) over ranks."""
     total, trainable = count_parameters(model)
@@ -61,6 +98,7 @@ def stage_compute(
         f"compute/{stage}/trainable_parameters": float(trainable),
         f"compute/{stage}/peak_memory_bytes": float(peak),
         f"compute/{stage}/processes": float(distributed.world_size()),
+        f"compute/{stage}/tokens_per_second": float(tokens_per_second),
     }
 
 

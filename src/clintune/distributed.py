@@ -56,28 +56,6 @@ def processes_per_job(trainer_cfg: DictConfig) -> int:
     return int(devices)
 
 
-def fsdp_strategy(
-    layers: list[str],
-    *,
-    activation_checkpointing: bool = True,
-    sharding_strategy: str = "FULL_SHARD",
-    **kwargs: Any,
-) -> Any:
-    """Lightning's FSDPStrategy wrapping (and, if asked, checkpointing) each decoder layer
-    named by its import path; full state dicts, so saved weights are ordinary HF folders."""
-    from hydra.utils import get_class
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    classes = {get_class(path) for path in layers}
-    return FSDPStrategy(
-        auto_wrap_policy=classes,
-        activation_checkpointing_policy=classes if activation_checkpointing else None,
-        sharding_strategy=sharding_strategy,
-        state_dict_type="full",
-        **kwargs,
-    )
-
-
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 

@@ -28,6 +28,7 @@ ReferenceMode = Literal["precompute", "adapter_disabled", "copy"]
 PairSource = Literal["auto", "data", "label", "on_policy"]
 DPOLossType = Literal["sigmoid", "ipo", "hinge", "robust"]
 Accelerator = Literal["cpu", "gpu", "cuda", "mps", "auto"]
+DType = Literal["float32", "bfloat16", "float16"]
 # Lightning 2.6's accepted values (lightning.fabric.connector._PRECISION_INPUT).
 Precision = Literal[
     "64-true", "64", 64, "32-true", "32", 32, "16-mixed", "16", 16,
@@ -172,6 +173,28 @@ class SweepSettings:
     resume: bool
 
 
+#: ``trainer.strategy._target_`` of the sharded presets (trainer=fsdp, fsdp_cpu).
+FSDP_STRATEGY = "clintune.sharding.fsdp_strategy"
+
+
+@dataclass(frozen=True)
+class FSDPSettings:
+    """``trainer.strategy`` of ``trainer=fsdp``/``fsdp_cpu``: FSDP2 through Lightning's
+    ModelParallelStrategy, each decoder layer one unit, then the root."""
+
+    # Processes the parameters are sharded over: auto = every process of the job.
+    data_parallel_size: int | Literal["auto"] = dataclasses.field(metadata=_minimum(1))
+    tensor_parallel_size: Literal[1]  # no tensor-parallel plan (yet): sharding only
+    # Gathered parameters are cast to param_dtype for compute (null: as stored); gradients
+    # are reduced in reduce_dtype; the sharded copy of trainable parameters, which the
+    # optimiser updates, is kept in trainable_dtype (frozen ones stay in model.dtype).
+    param_dtype: DType | None
+    reduce_dtype: DType | None
+    trainable_dtype: DType
+    activation_checkpointing: bool  # recompute each decoder layer in backward
+    reshard_after_forward: bool  # free gathered layers after forward, gather again in backward
+
+
 @dataclass(frozen=True)
 class TrainerSettings:
     """The keys clintune reads; the node goes to Lightning's Trainer whole (other keys too)."""
@@ -182,6 +205,8 @@ class TrainerSettings:
     # More than one is refused by clintune.distributed with its own message (one job, one
     # machine); the default is Lightning's.
     num_nodes: int = dataclasses.field(default=1, metadata=_minimum(1))
+    # Read from trainer.strategy when it names FSDP_STRATEGY; None for any other strategy.
+    sharding: FSDPSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -282,6 +307,8 @@ class _Checker:
             # An experiment sets method.train/method.sft for every method of its grid, so a
             # method node tolerates the keys of the other methods; a typo is still caught.
             tolerated = _METHOD_KEYS if kind in _METHOD_CLASSES.values() else set()
+            if kind is FSDPSettings:
+                tolerated = {"_target_"}
             for unknown in sorted(set(value) - set(fields) - tolerated):
                 close = difflib.get_close_matches(str(unknown), list(fields), 1)
                 hint = f"did you mean {key}.{close[0]}? " if close else ""
@@ -331,9 +358,30 @@ def _method_settings(checker: _Checker, method: Any) -> MethodSettings | None:
     return checker.node(_METHOD_CLASSES[kind], method, "method")
 
 
+def _with_sharding(checker: _Checker, trainer: TrainerSettings, node: Any) -> TrainerSettings:
+    """``trainer`` with its FSDP settings, when ``trainer.strategy`` is clintune's FSDP."""
+    strategy = node.get("strategy")
+    if not OmegaConf.is_dict(strategy) or strategy.get("_target_") != FSDP_STRATEGY:
+        return trainer
+    sharding = checker.node(FSDPSettings, strategy, "trainer.strategy")
+    size = sharding.data_parallel_size
+    if isinstance(size, int) and isinstance(trainer.devices, int) and size != trainer.devices:
+        checker.problems.append(
+            f"trainer.strategy.data_parallel_size={size} must equal trainer.devices="
+            f"{trainer.devices} (parameters are sharded over every process), or be auto"
+        )
+    return dataclasses.replace(trainer, sharding=sharding)
+
+
 def _cross_checks(checker: _Checker, settings: Settings, cfg: DictConfig) -> None:
     method = settings.method
     lora = bool(OmegaConf.select(cfg, "model.lora.enabled", default=False))
+    quantization = OmegaConf.select(cfg, "model.quantization", default=None)
+    if quantization is not None and settings.trainer.sharding is not None:
+        checker.problems.append(
+            f"model.quantization={quantization} cannot be sharded (4-bit weights under FSDP are "
+            "not supported): use trainer=gpu or trainer=ddp for QLoRA"
+        )
     if isinstance(method, DPOSettings):
         if method.reference == "adapter_disabled" and not lora:
             checker.problems.append(
@@ -363,6 +411,8 @@ def settings_from(cfg: DictConfig) -> Settings:
         if name == "checkpoint" and not OmegaConf.is_dict(cfg.get(name)):
             continue  # evaluate.py's checkpoint=PATH, not train.py's checkpoint section
         sections[name] = checker.read(kind, cfg.get(name), name)
+    if sections.get("trainer") is not None:
+        sections["trainer"] = _with_sharding(checker, sections["trainer"], cfg.trainer)
     seed = checker.read(int, cfg.get("seed"), "seed")
     if checker.problems:
         raise ConfigError(checker.problems)

@@ -1,10 +1,13 @@
-"""Data-parallel training on two CPU processes (trainer=ddp_cpu, gloo) against one process
-with the same global batch; rank-zero-only writes; DDP inside a Hydra multirun."""
+"""Training on two CPU processes, data-parallel (trainer=ddp_cpu) and sharded (trainer=fsdp_cpu,
+FSDP2), both on gloo, against one process with the same global batch; rank-zero-only writes;
+the sharded run's gathered weights evaluated in one process; both inside a Hydra multirun."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,7 +46,7 @@ def test_processes_per_job_only_counts_devices_for_distributed_strategies() -> N
 
     assert processes_per_job(OmegaConf.create({"devices": 2, "strategy": "ddp"})) == 2
     assert processes_per_job(OmegaConf.create({"devices": 2, "strategy": "auto"})) == 1
-    fsdp = {"_target_": "clintune.distributed.fsdp_strategy", "layers": []}
+    fsdp = {"_target_": "clintune.sharding.fsdp_strategy", "data_parallel_size": "auto"}
     assert processes_per_job(OmegaConf.create({"devices": 4, "strategy": fsdp})) == 4
 
 
@@ -168,69 +171,110 @@ def _assert_rank_zero_wrote_once(run_dir: Path) -> dict[str, float]:
     return metrics
 
 
+# Triage answers are 12 to 15 tokens, so the ranks' halves of a batch hold different numbers of
+# completion tokens and a per-rank token mean would not match one process. (Classification's
+# answers are all 2 tokens, which hides exactly that mistake.) A one-word instruction keeps its
+# prompts short: ~50 tokens instead of ~265.
+SFT_ARGS = [
+    *[arg for arg in SMALL if arg != "task=classification"],
+    "task=triage",
+    "task.instruction=Triage",
+    "method=sft",
+    "method.train.epochs=1",
+]
+
+
+@pytest.fixture(scope="module")
+def sft_one_process(tmp_path_factory: pytest.TempPathFactory, run_env) -> Path:
+    """The one-process run both two-process SFT runs are compared with (run once)."""
+    one = tmp_path_factory.mktemp("sft") / "one"
+    args = [*SFT_ARGS, "trainer=cpu", "method.train.batch_size=8", f"hydra.run.dir={one}"]
+    run_script("train.py", args, run_env)
+    return one
+
+
+def _test_metrics(run_dir: Path) -> dict[str, float]:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {key: value for key, value in metrics.items() if key.startswith("test/")}
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("trainer", ["ddp_cpu", "fsdp_cpu"])
 def test_sft_on_two_processes_matches_one_with_the_same_global_batch(
-    tmp_path: Path, run_env
+    tmp_path: Path, run_env, sft_one_process: Path, trainer: str
 ) -> None:
-    # Triage answers are 12 to 15 tokens, so the ranks' halves of a batch hold different
-    # numbers of completion tokens and a per-rank token mean would not match one process.
-    # (Classification's answers are all 2 tokens, which hides exactly that mistake.) A one-word
-    # instruction keeps its prompts short: ~50 tokens instead of ~265.
-    triage = [arg for arg in SMALL if arg != "task=classification"]
-    common = [
-        *triage,
-        "task=triage",
-        "task.instruction=Triage",
-        "method=sft",
-        "method.train.epochs=1",
-    ]
-    one, two = tmp_path / "one", tmp_path / "two"
-    run_script(
-        "train.py",
-        [*common, "trainer=cpu", "method.train.batch_size=8", f"hydra.run.dir={one}"],
-        run_env,
-    )
-    run_script(
-        "train.py",
-        [*common, "trainer=ddp_cpu", "method.train.batch_size=4", f"hydra.run.dir={two}"],
-        run_env,
-    )
+    one, two = sft_one_process, tmp_path / "two"
+    args = [*SFT_ARGS, f"trainer={trainer}", "method.train.batch_size=4", f"hydra.run.dir={two}"]
+    run_script("train.py", args, run_env)
     _assert_same_training(one, two, "train/loss")
     metrics = _assert_rank_zero_wrote_once(two)
     assert metrics["compute/sft/processes"] == 2
     single = json.loads((one / "metrics.json").read_text())
     assert metrics["compute/sft/tokens"] == single["compute/sft/tokens"]  # summed over ranks
+    if trainer == "fsdp_cpu":
+        # The shards were gathered into an ordinary model directory: one process loads it and
+        # evaluates it to the metrics the two ranks reported.
+        evaluated = tmp_path / "evaluated"
+        run_script(
+            "evaluate.py",
+            [f"checkpoint={two}", "trainer=cpu", "logger=none", f"hydra.run.dir={evaluated}"],
+            run_env,
+        )
+        assert _test_metrics(evaluated) == _test_metrics(two)
+
+
+DPO_ARGS = [
+    *SMALL,
+    "method=dpo_only",
+    "method.train.epochs=1",
+    "method.pairs.source=label",
+    # Ten times DPO's default rate: the weights move ~2.5e-3, far beyond the rounding by which
+    # one and two processes differ, so the comparison below can tell them apart.
+    "method.module.learning_rate=1e-3",
+]
+
+
+@contextlib.contextmanager
+def _reference_cache_dropped_after(cache_dir: Path) -> Iterator[None]:
+    """Deletes the reference log-probs a run cached, so that the next run scores the pairs
+    itself rather than reading them (every run here must compute its own)."""
+    references = cache_dir / "reference"
+    before = set(references.glob("*.pt"))
+    yield
+    for written in set(references.glob("*.pt")) - before:
+        written.unlink()
+
+
+@pytest.fixture(scope="module")
+def dpo_one_process(tmp_path_factory: pytest.TempPathFactory, run_env, cache_dir: Path) -> Path:
+    one = tmp_path_factory.mktemp("dpo") / "one"
+    args = [*DPO_ARGS, "trainer=cpu", "method.train.batch_size=8", f"hydra.run.dir={one}"]
+    with _reference_cache_dropped_after(cache_dir):
+        run_script("train.py", args, run_env)
+    return one
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("trainer", "reference"),
+    [("ddp_cpu", "precompute"), ("fsdp_cpu", "precompute"), ("fsdp_cpu", "copy")],
+)
 def test_dpo_on_two_processes_matches_one_with_the_same_global_batch(
-    tmp_path: Path, run_env, cache_dir: Path
+    tmp_path: Path, run_env, cache_dir: Path, dpo_one_process: Path, trainer: str, reference: str
 ) -> None:
-    common = [
-        *SMALL,
-        "method=dpo_only",
-        "method.train.epochs=1",
-        "method.pairs.source=label",
-        # Ten times DPO's default rate: the weights move ~2.5e-3, far beyond the rounding by
-        # which one and two processes differ, so the comparison below can tell them apart.
-        "method.module.learning_rate=1e-3",
+    """Against one process precomputing the reference: the sharded pass over the ranks, or,
+    under FSDP2, a frozen copy sharded like the policy (the same log-probs, as the tiny model
+    has no dropout)."""
+    one, two = dpo_one_process, tmp_path / "two"
+    args = [
+        *DPO_ARGS,
+        f"trainer={trainer}",
+        f"method.reference={reference}",
+        "method.train.batch_size=4",
+        f"hydra.run.dir={two}",
     ]
-    one, two = tmp_path / "one", tmp_path / "two"
-    references = cache_dir / "reference"
-    before = set(references.glob("*.pt"))
-    run_script(
-        "train.py",
-        [*common, "trainer=ddp_cpu", "method.train.batch_size=4", f"hydra.run.dir={two}"],
-        run_env,
-    )
-    # The single process must score the pairs itself, not read the sharded pass's cache.
-    for written in set(references.glob("*.pt")) - before:
-        written.unlink()
-    run_script(
-        "train.py",
-        [*common, "trainer=cpu", "method.train.batch_size=8", f"hydra.run.dir={one}"],
-        run_env,
-    )
+    with _reference_cache_dropped_after(cache_dir):
+        run_script("train.py", args, run_env)
     _assert_same_training(one, two, "train/loss")
     assert _curve(one, "train/rewards/margins") == pytest.approx(
         _curve(two, "train/rewards/margins"), abs=2e-4
@@ -239,12 +283,13 @@ def test_dpo_on_two_processes_matches_one_with_the_same_global_batch(
     single = json.loads((one / "metrics.json").read_text())
     assert metrics["compute/dpo/reference_cache_hits"] == single["compute/dpo/reference_cache_hits"]
     assert metrics["compute/dpo/reference_cache_hits"] == 0
-    # The sharded reference pass scored every training pair once, over both ranks.
-    assert metrics["compute/dpo/reference_tokens"] == single["compute/dpo/reference_tokens"] > 0
+    if reference == "precompute":
+        # The sharded reference pass scored every training pair once, over both ranks.
+        assert metrics["compute/dpo/reference_tokens"] == single["compute/dpo/reference_tokens"] > 0
 
 
 @pytest.mark.slow
-def test_ddp_inside_a_hydra_multirun_gives_one_directory_and_wandb_run_per_job(
+def test_two_process_jobs_inside_a_hydra_multirun_give_one_directory_and_wandb_run_each(
     tmp_path: Path, run_env
 ) -> None:
     sweep = tmp_path / "sweep"
@@ -256,18 +301,18 @@ def test_ddp_inside_a_hydra_multirun_gives_one_directory_and_wandb_run_per_job(
         [
             "-m",
             *SMALL,
-            "trainer=ddp_cpu",
+            "trainer=ddp_cpu,fsdp_cpu",
             "method=sft",
             "method.train.max_steps=2",
-            "seed=1,2",
             f"hydra.sweep.dir={sweep}",
+            "hydra.sweep.subdir=${hydra:runtime.choices.trainer}",
         ],
         env,
     )
     built = [p for p in (tmp_path / "cold-cache" / "models").glob("tiny_llama-*") if p.is_dir()]
     assert len(built) == 1 and (built[0] / "model.safetensors").is_file()
     jobs = sorted(path.name for path in sweep.iterdir() if path.is_dir())
-    assert jobs == ["tiny_llama-classification-sft-s1", "tiny_llama-classification-sft-s2"]
+    assert jobs == ["ddp_cpu", "fsdp_cpu"]
     for job in jobs:
         _assert_rank_zero_wrote_once(sweep / job)
     summary = json.loads((sweep / "sweep_summary.json").read_text())

@@ -1,7 +1,7 @@
 """Checkpoint and resume: a SIGKILL mid-epoch, then the same command, ends bit-identical to
-an uninterrupted run (SFT; DPO on one process and on two); SIGTERM saves a checkpoint and
-exits 143; under submitit the job requeues itself and resumes; checkpoints are never
-half-written."""
+an uninterrupted run (SFT; DPO on one process, on two with DDP and on two sharded with FSDP2);
+SIGTERM saves a checkpoint and exits 143 (one process, DDP, FSDP2); under submitit the job
+requeues itself and resumes; checkpoints are never half-written, sharded ones included."""
 
 from __future__ import annotations
 
@@ -59,6 +59,14 @@ def _wait_for(condition, what: str, process: subprocess.Popen | None = None) -> 
 
 def _checkpoints(cache: Path, stage: str = "sft") -> list[Path]:
     return list((cache / "training").glob(f"{stage}-*/last.ckpt"))
+
+
+def _checkpoint_step(checkpoint: Path) -> int:
+    """The optimiser step a checkpoint was saved at: a file, or under FSDP a link to a
+    directory of shards whose metadata (Lightning's meta.pt) holds the step."""
+    if checkpoint.is_dir():
+        checkpoint = checkpoint / "meta.pt"
+    return int(torch.load(checkpoint, weights_only=False)["global_step"])
 
 
 def _training_started(log: Path) -> bool:
@@ -119,8 +127,9 @@ def _kill_mid_epoch_then_rerun_ends_bit_identical(
     os.killpg(process.pid, signal.SIGKILL)  # the launcher and, under DDP, every rank
     process.wait()
     assert not (interrupted / "metrics.json").exists()
-    checkpoint = torch.load(_checkpoints(cache_dir, stage)[0], weights_only=False)
-    assert 0 < checkpoint["global_step"] < steps_per_epoch, "killed inside the first epoch"
+    assert 0 < _checkpoint_step(_checkpoints(cache_dir, stage)[0]) < steps_per_epoch, (
+        "killed inside the first epoch"
+    )
 
     resumed = run_script("train.py", [*args, f"hydra.run.dir={interrupted}"], run_env)
     assert "Resuming" in resumed.stdout
@@ -184,15 +193,32 @@ DPO_ARGS = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("trainer", "batch_size", "seed"),
-    [("cpu", 4, 16), ("ddp_cpu", 2, 17)],
-    ids=["1-process", "2-processes"],
+    ("trainer", "batch_size", "seed", "extra"),
+    [
+        ("cpu", 4, 16, []),
+        ("ddp_cpu", 2, 17, []),
+        # LoRA under FSDP2, with the reference the policy's own adapter switched off.
+        ("fsdp_cpu", 2, 18, ["method.reference=adapter_disabled"]),
+    ],
+    ids=["1-process", "2-processes", "2-processes-fsdp"],
 )
 def test_dpo_sigkill_mid_epoch_then_same_command_ends_bit_identical(
-    tmp_path: Path, run_env, cache_dir: Path, trainer: str, batch_size: int, seed: int
+    tmp_path: Path,
+    run_env,
+    cache_dir: Path,
+    trainer: str,
+    batch_size: int,
+    seed: int,
+    extra: list[str],
 ) -> None:
     _kill_mid_epoch_then_rerun_ends_bit_identical(
-        [*DPO_ARGS, f"trainer={trainer}", f"method.train.batch_size={batch_size}", f"seed={seed}"],
+        [
+            *DPO_ARGS,
+            *extra,
+            f"trainer={trainer}",
+            f"method.train.batch_size={batch_size}",
+            f"seed={seed}",
+        ],
         tmp_path,
         run_env,
         cache_dir,
@@ -374,16 +400,23 @@ def test_the_dpo_reference_pass_leaves_the_random_generators_as_a_cache_hit_does
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("signum", "seed"), [(signal.SIGTERM, 14), (signal.SIGUSR2, 15)], ids=["SIGTERM", "SIGUSR2"]
+    ("signum", "seed", "trainer"),
+    [
+        (signal.SIGTERM, 14, "ddp_cpu"),
+        (signal.SIGUSR2, 15, "ddp_cpu"),
+        (signal.SIGTERM, 19, "fsdp_cpu"),
+    ],
+    ids=["SIGTERM", "SIGUSR2", "SIGTERM-fsdp"],
 )
 def test_a_signal_to_a_two_process_run_saves_once_and_the_rerun_resumes_on_both_ranks(
-    tmp_path: Path, run_env, cache_dir: Path, signum: int, seed: int
+    tmp_path: Path, run_env, cache_dir: Path, signum: int, seed: int, trainer: str
 ) -> None:
-    """SIGTERM reaches the ranks through torch's launcher; submitit's USR2 through ours."""
+    """SIGTERM reaches the ranks through torch's launcher; submitit's USR2 through ours. Under
+    FSDP2 the checkpoint is sharded (one file per rank) and still one, complete."""
     args = [
         *ARGS,
         f"seed={seed}",
-        "trainer=ddp_cpu",
+        f"trainer={trainer}",
         "method.train.batch_size=4",
         "checkpoint.every_n_steps=0",
         f"hydra.run.dir={tmp_path / 'run'}",
@@ -397,6 +430,12 @@ def test_a_signal_to_a_two_process_run_saves_once_and_the_rerun_resumes_on_both_
     assert process.returncode == 143, log.read_text()
     assert f"stopped by {signal.Signals(signum).name} after saving" in log.read_text()
     assert len(_checkpoints(cache_dir)) == 1
+    if trainer == "fsdp_cpu":
+        (checkpoint,) = _checkpoints(cache_dir)
+        # A link to one complete version: a shard per rank; no other version left beside it.
+        assert checkpoint.is_symlink() and len(list(checkpoint.glob("*.distcp"))) == 2
+        versions = [path.name for path in checkpoint.parent.glob("last.ckpt.*")]
+        assert versions == [checkpoint.resolve().name]
     resumed = run_script("train.py", args, run_env)
     assert "Resuming" in resumed.stdout
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

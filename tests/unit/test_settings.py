@@ -112,6 +112,7 @@ def _problems_of(cfg: object) -> list[str]:
         ["experiment=qlora_llama3", "method=dpo"],
         ["trainer=fsdp"],
         ["trainer=ddp_cpu", "method=dpo"],
+        ["trainer=fsdp_cpu", "method=dpo", "method.reference=copy"],
     ],
 )
 def test_shipped_configs_are_valid(overrides: list[str], tmp_path: Path) -> None:
@@ -147,6 +148,32 @@ def test_train_py_fails_fast_with_one_error_line_per_bad_key(
     assert "Traceback" not in result.stderr + result.stdout
     assert not cache.exists()  # no model was built or loaded, no stage or reference cache
     assert not (run_dir / "job.json").exists() and not (run_dir / "wandb").exists()
+
+
+def test_the_fsdp_strategy_is_checked_before_anything_loads(tmp_path: Path) -> None:
+    sharding = settings_from(compose_train(["trainer=fsdp"], tmp_path)).trainer.sharding
+    assert sharding is not None and sharding.param_dtype == "bfloat16"
+    assert settings_from(compose_train(["trainer=ddp_cpu"], tmp_path)).trainer.sharding is None
+    cfg = compose_train(
+        [
+            "trainer=fsdp_cpu",
+            "trainer.strategy.param_dtype=bf16",
+            "trainer.strategy.data_parallel_size=4",
+            "+trainer.strategy.activation_checkpoint=true",
+        ],
+        tmp_path,
+    )
+    problems = _problems_of(cfg)
+    assert any(p.startswith("trainer.strategy.param_dtype='bf16' is not allowed") for p in problems)
+    assert any("did you mean trainer.strategy.activation_checkpointing?" in p for p in problems)
+    qlora = ["model=llama3", "model.quantization=4bit", "model.lora.enabled=true"]
+    cfg = compose_train([*qlora, "trainer=fsdp"], tmp_path)
+    assert any("cannot be sharded" in problem for problem in _problems_of(cfg))
+    cfg = compose_train(["trainer=fsdp_cpu", "trainer.strategy.data_parallel_size=4"], tmp_path)
+    assert _problems_of(cfg) == [
+        "trainer.strategy.data_parallel_size=4 must equal trainer.devices=2 (parameters are "
+        "sharded over every process), or be auto"
+    ]
 
 
 # ---- stage cache keys ----------------------------------------------------------------------

@@ -22,7 +22,8 @@ from clintune.methods.logprobs import (
     sum_by_row,
 )
 from clintune.methods.losses import DPO_LOSS_TYPES, dpo_loss
-from clintune.methods.optim import ComputeCounters, WarmupCosineAdamW
+from clintune.methods.optim import ComputeCounters, ShardableModel, WarmupCosineAdamW
+from clintune.sharding import call_in_root_forward
 
 REFERENCE_MODES = ("precompute", "adapter_disabled", "copy")
 
@@ -37,38 +38,34 @@ class PairForward:
     tokens: int  # non-padding tokens processed
 
 
-def _pair_forward_from(
+PairTensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # logps, lengths, logit_sums
+
+
+def _per_row(
     logps: torch.Tensor,
     rows: torch.Tensor,
     selected: torch.Tensor,
     head_weight: torch.Tensor,
     count: int,
-    tokens: int,
-) -> PairForward:
+) -> PairTensors:
     lengths = torch.bincount(rows, minlength=count)
-    return PairForward(
-        logps=sum_by_row(logps, rows, count),
-        lengths=lengths,
-        logit_sums=sum_by_row(mean_logits(selected, head_weight), rows, count),
-        tokens=tokens,
-    )
+    logit_sums = sum_by_row(mean_logits(selected, head_weight), rows, count)
+    return sum_by_row(logps, rows, count), lengths, logit_sums
 
 
 def _concatenated_forward(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int
-) -> PairForward:
+) -> PairTensors:
     logps, rows, selected = sequence_token_logps(
         model, batch["input_ids"], batch["attention_mask"], batch["labels"], chunk_size
     )
     _, head = decoder_and_head(model)
-    rows_in_batch = batch["input_ids"].size(0)
-    tokens = int(batch["attention_mask"].sum())
-    return _pair_forward_from(logps, rows, selected, head.weight, rows_in_batch, tokens)
+    return _per_row(logps, rows, selected, head.weight, batch["input_ids"].size(0))
 
 
 def _shared_prompt_forward(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int
-) -> PairForward:
+) -> PairTensors:
     """The prompt runs once; its key/value cache (with gradients) is tiled for the chosen and
     the rejected completion. Same log-probs as the concatenated pass, at about half the cost
     when prompts are much longer than answers, as in clinical tasks."""
@@ -106,8 +103,20 @@ def _shared_prompt_forward(
     )
     selected, targets, rows = scored_positions(hidden, completion_ids, completion_mask.bool())
     logps = chunked_token_logps(selected, head.weight, targets, chunk_size)
-    tokens = int(prompt_mask.sum() + completion_mask.sum())
-    return _pair_forward_from(logps, rows, selected, head.weight, 2 * pairs, tokens)
+    return _per_row(logps, rows, selected, head.weight, 2 * pairs)
+
+
+# What the forward pass reads of a batch, in either layout (not the reference log-probs).
+_CONCATENATED = ("input_ids", "attention_mask", "labels")
+_SHARED_PROMPT = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+
+
+def _pair_tensors(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int
+) -> PairTensors:
+    if "prompt_ids" in batch:
+        return _shared_prompt_forward(model, batch, chunk_size)
+    return _concatenated_forward(model, batch, chunk_size)
 
 
 def pair_forward(
@@ -115,10 +124,14 @@ def pair_forward(
     batch: dict[str, torch.Tensor],
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> PairForward:
-    """Log-probs of both completions of every pair, by whichever layout the batch uses."""
-    if "prompt_ids" in batch:
-        return _shared_prompt_forward(model, batch, chunk_size)
-    return _concatenated_forward(model, batch, chunk_size)
+    """Log-probs of both completions of every pair, by whichever layout the batch uses; for a
+    sharded model inside the root's forward, where its LM head is gathered."""
+    keys = _SHARED_PROMPT if "prompt_ids" in batch else _CONCATENATED
+    inputs = {key: batch[key] for key in keys}
+    logps, lengths, logit_sums = call_in_root_forward(model, _pair_tensors, inputs, chunk_size)
+    masks = ("prompt_mask", "completion_mask") if "prompt_ids" in batch else ("attention_mask",)
+    tokens = sum(int(batch[mask].sum()) for mask in masks)
+    return PairForward(logps=logps, lengths=lengths, logit_sums=logit_sums, tokens=tokens)
 
 
 def sequence_logps(
@@ -139,7 +152,7 @@ def adapter_disabled(model: torch.nn.Module) -> Iterator[None]:
         yield
 
 
-class DPOModule(ComputeCounters, WarmupCosineAdamW, L.LightningModule):
+class DPOModule(ComputeCounters, WarmupCosineAdamW, ShardableModel, L.LightningModule):
     """Batches hold chosen rows then rejected rows (``tokenization.collate_pairs``) and, for
     ``reference=precompute``, ``ref_chosen_logps``/``ref_rejected_logps``."""
 
@@ -181,6 +194,10 @@ class DPOModule(ComputeCounters, WarmupCosineAdamW, L.LightningModule):
         self.warmup_ratio = float(warmup_ratio)
         self.betas = tuple(betas)
         self.logits_chunk_size = int(logits_chunk_size)
+
+    def frozen_models(self) -> list[torch.nn.Module]:
+        # The reference copy is sharded like the policy (FSDP), but not trained.
+        return list(self._reference_model)
 
     def on_fit_start(self) -> None:
         for reference in self._reference_model:

@@ -1,5 +1,5 @@
 """What every method's LightningModule shares: AdamW with linear warm-up then cosine decay,
-and compute counters that survive a resume."""
+compute counters that survive a resume, and the FSDP2 plan applied in ``configure_model``."""
 
 from __future__ import annotations
 
@@ -96,3 +96,25 @@ class ComputeCounters:
             own = totals if distributed.is_rank_zero() else {}
         for name, value in own.items():
             setattr(self, name, value)
+
+
+class ShardableModel:
+    """LightningModule mixin: under ``trainer=fsdp``/``fsdp_cpu`` (``ShardedStrategy``), the
+    sharding plan is applied to ``model`` and to any frozen model the method runs beside it
+    (``frozen_models``, the DPO reference copy); with any other strategy, nothing happens."""
+
+    model: torch.nn.Module
+    trainer: Any
+
+    def frozen_models(self) -> list[torch.nn.Module]:
+        return []
+
+    def configure_model(self) -> None:
+        from clintune.sharding import ShardedStrategy
+
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, ShardedStrategy):
+            return
+        strategy.shard(self.model)
+        for frozen in self.frozen_models():
+            strategy.shard(frozen, frozen=True)

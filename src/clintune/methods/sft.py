@@ -8,10 +8,11 @@ from torchmetrics.aggregation import MeanMetric
 
 from clintune.methods.logprobs import DEFAULT_CHUNK_SIZE, sequence_token_logps
 from clintune.methods.losses import completion_token_count
-from clintune.methods.optim import ComputeCounters, WarmupCosineAdamW
+from clintune.methods.optim import ComputeCounters, ShardableModel, WarmupCosineAdamW
+from clintune.sharding import call_in_root_forward
 
 
-class SFTModule(ComputeCounters, WarmupCosineAdamW, L.LightningModule):
+class SFTModule(ComputeCounters, WarmupCosineAdamW, ShardableModel, L.LightningModule):
     """Wraps a Hugging Face causal LM (full or LoRA); optimisation settings come from config,
     precision, clipping and accumulation from the Trainer."""
 
@@ -36,9 +37,11 @@ class SFTModule(ComputeCounters, WarmupCosineAdamW, L.LightningModule):
         self.logits_chunk_size = int(logits_chunk_size)
 
     def _completion_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Log-probs of every completion token of the batch, without full-vocabulary logits."""
-        logps, _, _ = sequence_token_logps(
+        """Log-probs of every completion token of the batch, without full-vocabulary logits
+        (inside the root's forward, where a sharded model's LM head is gathered)."""
+        logps, _, _ = call_in_root_forward(
             self.model,
+            sequence_token_logps,
             batch["input_ids"],
             batch["attention_mask"],
             batch["labels"],

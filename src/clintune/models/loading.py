@@ -26,6 +26,7 @@ from packaging.version import Version
 from clintune import distributed
 from clintune.errors import UserError
 from clintune.io import build_directory_once, content_hash, file_sha256
+from clintune.models.architecture import check_architecture
 from clintune.models.tiny import TinyModelSpec, ensure_tiny_model
 
 CHECKPOINT_MANIFEST = "clintune_checkpoint.json"
@@ -131,11 +132,20 @@ def _compute_dtype(model_cfg: DictConfig) -> torch.dtype:
     return torch.bfloat16 if name is None else _dtype(name)
 
 
+def _attention(model_cfg: DictConfig) -> dict[str, str]:
+    """``attn_implementation`` for ``from_pretrained`` when ``model.attn_implementation`` is
+    set (eager, sdpa, flash_attention_2); transformers' own default otherwise."""
+    implementation = model_cfg.get("attn_implementation")
+    return {"attn_implementation": str(implementation)} if implementation else {}
+
+
 def _from_pretrained(path: str | Path, model_cfg: DictConfig, *, quantize: bool) -> Any:
     from transformers import AutoModelForCausalLM
 
     if not quantize:
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=_dtype(model_cfg.get("dtype")))
+        return AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=_dtype(model_cfg.get("dtype")), **_attention(model_cfg)
+        )
     from transformers import BitsAndBytesConfig
 
     dtype = _compute_dtype(model_cfg)
@@ -152,6 +162,7 @@ def _from_pretrained(path: str | Path, model_cfg: DictConfig, *, quantize: bool)
         # bitsandbytes quantizes as it places the weights: on this process's GPU (under DDP,
         # the one of its local rank); moving a 4-bit model later is supported, casting it is not.
         device_map={"": int(os.environ.get("LOCAL_RANK", "0"))},
+        **_attention(model_cfg),
     )
 
 
@@ -244,7 +255,9 @@ def _base_for_checkpoint(
         return _from_pretrained(path, model_cfg, quantize=True)
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(manifest.get("base_weights") or source, dtype=dtype)
+    base = AutoModelForCausalLM.from_pretrained(
+        manifest.get("base_weights") or source, dtype=dtype, **_attention(model_cfg)
+    )
     if manifest.get("merged_adapter"):
         from peft import PeftModel
 
@@ -344,6 +357,9 @@ def load_model(
         return LoadedModel(model=model, tokenizer=tokenizer, source=source, is_lora=True)
     tokenizer = load_tokenizer(source)
     model = _from_pretrained(source, model_cfg, quantize=quantize)
+    architecture = model_cfg.get("architecture")
+    if architecture:
+        check_architecture(model.config, OmegaConf.to_container(architecture), source)
     is_lora = False
     if trainable_lora and model_cfg.lora.enabled:
         from peft import get_peft_model
@@ -410,11 +426,16 @@ def enable_memory_savers(model: Any, model_cfg: DictConfig) -> None:
     """Gradient checkpointing when ``model.gradient_checkpointing`` is set: non-reentrant, so
     that it composes with LoRA (frozen inputs) and with DDP."""
     if model_cfg.get("gradient_checkpointing"):
-        # transformers 5 renamed it; the old name warns and goes in v6.
-        model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False}
-        )
-        model.config.use_cache = False
+        enable_gradient_checkpointing(model)
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Each decoder layer recomputed in backward, non-reentrant: it composes with LoRA
+    (frozen inputs), DDP and FSDP2 (whose hooks leave the recomputation's gathering to the
+    backward pass). Layers that recompute keep no KV cache."""
+    # transformers 5 renamed it; the old name warns and goes in v6.
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
 
 
 def uses_gradient_checkpointing(model: Any) -> bool:

@@ -30,6 +30,7 @@ from clintune.checkpointing import (
     SaveWeights,
     TrainingState,
 )
+from clintune.compute import StepThroughput
 from clintune.errors import UserError, out_of_memory_message
 from clintune.io import link_or_copy
 from clintune.settings import Settings, TrainSettings
@@ -111,7 +112,8 @@ def _resume_checkpoint(ctx: StageContext, work_dir: Path) -> Path | None:
     assert ctx.settings.stages is not None
     if distributed.is_rank_zero() and not ctx.settings.stages.resume:
         shutil.rmtree(work_dir, ignore_errors=True)
-    found = distributed.broadcast_from_rank_zero(checkpoint.is_file())
+    # A file, or under FSDP a link to a directory of shards (a dangling link does not exist).
+    found = distributed.broadcast_from_rank_zero(checkpoint.exists())
     return checkpoint if found else None
 
 
@@ -128,6 +130,7 @@ class FitResult:
     trainer: L.Trainer
     seconds: float  # training time of the whole stage, over resumed attempts too
     resumed: bool
+    tokens_per_second: float  # steady state, this attempt (compute.StepThroughput)
 
 
 def fit(
@@ -175,11 +178,12 @@ def fit(
         batch_size=train.batch_size,
         every_n_steps=ctx.settings.checkpoint.every_n_steps,
     )
+    throughput = StepThroughput()
     trainer: L.Trainer = instantiate(
         ctx.cfg.trainer,
         default_root_dir=str(ctx.run_dir),
         logger=_loggers(ctx, stage_prefix),
-        callbacks=[saver, state, LearningRateMonitor(logging_interval="step")],
+        callbacks=[saver, state, throughput, LearningRateMonitor(logging_interval="step")],
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,
         max_epochs=train.epochs,
@@ -205,7 +209,7 @@ def fit(
     except torch.cuda.OutOfMemoryError as error:
         raise UserError(out_of_memory_message(stage, train.batch_size)) from error
     seconds = state.seconds_before + time.perf_counter() - started
-    return FitResult(trainer, seconds, resume_from is not None)
+    return FitResult(trainer, seconds, resume_from is not None, throughput.tokens_per_second)
 
 
 def hand_over(source: Path, out_dir: Path, *, drop: Path | None = None) -> None:

@@ -170,8 +170,13 @@ def run_dpo_stage(
     # Sampling and the reference pass run before fit: on the device training will use.
     policy, tokenizer = loaded.model.to(distributed.device_for(cfg.trainer)), loaded.tokenizer
     pad_id = tokenizer.pad_token_id
-    # Checkpointed layers keep no KV cache, which the shared-prompt pass needs.
-    share_prompt = method.share_prompt and not uses_gradient_checkpointing(policy)
+    # Checkpointed layers keep no KV cache, which the shared-prompt pass needs (FSDP's
+    # activation checkpointing is switched on later, when the model is sharded).
+    sharding = ctx.settings.trainer.sharding
+    checkpointed = uses_gradient_checkpointing(policy) or bool(
+        sharding and sharding.activation_checkpointing
+    )
+    share_prompt = method.share_prompt and not checkpointed
     encoded, pair_counts, truncated = _build_encoded_pairs(ctx, method, policy, tokenizer)
     reference_model = None
     if method.reference == "copy":
@@ -264,6 +269,7 @@ def run_dpo_stage(
         policy,
         result.trainer.global_step,
         reference_tokens=reference_tokens,
+        tokens_per_second=result.tokens_per_second,
     )
     metrics.update(pair_counts)
     metrics["compute/dpo/resumed"] = float(result.resumed)

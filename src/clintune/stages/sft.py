@@ -122,7 +122,14 @@ def _train_sft(
         work_dir,
         stage_prefix,
     )
-    metrics = stage_compute("sft", result.seconds, module, loaded.model, result.trainer.global_step)
+    metrics = stage_compute(
+        "sft",
+        result.seconds,
+        module,
+        loaded.model,
+        result.trainer.global_step,
+        tokens_per_second=result.tokens_per_second,
+    )
     metrics.update(
         {
             "compute/sft/reused": 0.0,
