@@ -106,6 +106,7 @@ def test_parse_letter_without_option_texts_reads_only_letters() -> None:
         ("Naked (\u2212) stranded RNA virus", "naked (-) stranded rna virus"),
         ("CD4+ T cells", "cd4+ t cells"),
         ("p\u2009<\u20090.05", "p < 0.05"),
+        ("PT: \u2191 | PTT \u2193", "pt \u2191 ptt \u2193"),  # arrows: MedQA dev-373, dev-790
         ("10 \u00b5g", "10 \u03bcg"),  # micro sign and Greek mu are one letter
     ],
 )

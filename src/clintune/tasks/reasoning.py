@@ -37,7 +37,7 @@ _ANSWER_TOKEN = re.compile(
     | (?<![\w.])[-+±]?\d+(?:[.,]\d+)*                 # a number, with its sign: "-0.45", "1,000"
     | (?<![\w.])[-+±]?\.\d+                          # ".5"
     | [^\W_]+(?:[-+](?![\w]))?                       # a word, with a trailing sign: "cd4+", "rh-"
-    | [+±<>≤≥%]                                      # a lone plus or comparison means something
+    | [+±<>≤≥%↑↓←→↔]                                 # a plus, comparison or arrow means something
     """,
     re.VERBOSE,
 )
@@ -69,7 +69,8 @@ def normalise_answer(text: str) -> str:
 
     Punctuation that carries meaning is kept: a number's sign and decimal point ("-0.45",
     "−0.45" → "-0.45", never "0.45"), a bracketed sign ("Naked (+) stranded" → "naked (+)
-    stranded"), and a sign after a word ("CD4+", "Rh-")."""
+    stranded"), a sign after a word ("CD4+", "Rh-"), comparisons and arrows ("↑ ↓" is not
+    "↓ ↑")."""
     folded = _DECIMAL_DOT.sub(".", text.translate(_FOLD).lower())
     tokens = [re.sub(r"\s+", "", token) for token in _ANSWER_TOKEN.findall(folded)]
     return " ".join(token for token in tokens if token not in _ARTICLES)
