@@ -92,6 +92,33 @@ def test_real_data_tasks_train_and_evaluate_offline(task: str, tmp_path: Path, r
 
 
 @pytest.mark.slow
+def test_pubmedqa_through_task_custom_gives_pubmedqas_numbers(tmp_path: Path, run_env) -> None:
+    """The worked example of docs/tasks-and-data.md, end to end: train.py with task=pubmedqa
+    and evaluate.py with task=pubmedqa_custom, on the same (untrained, so no training time)
+    model, write the same outputs, predictions and test metrics. The untrained model's
+    outputs are prompt-dependent noise, so equal outputs mean equal prompts; that the metrics
+    agree on outputs that do parse is tests/unit/test_task_custom.py's."""
+    evaluation = ["eval.limit=12", "eval.progress_bar=false", "eval.bootstrap.samples=100"]
+    shipped, custom = tmp_path / "pubmedqa", tmp_path / "custom"
+    run_script(
+        "train.py",
+        ["task=pubmedqa", "method=base", *evaluation, "logger=none", f"hydra.run.dir={shipped}"],
+        run_env,
+    )
+    run_script(
+        "evaluate.py",
+        ["task=pubmedqa_custom", *evaluation, "logger=none", f"hydra.run.dir={custom}"],
+        run_env,
+    )
+    ours, theirs = _test_metrics(_metrics(custom)), _test_metrics(_metrics(shipped))
+    assert ours == theirs and ours["test/n"] == 12
+    rows = (shipped / "predictions.jsonl").read_text()
+    assert (custom / "predictions.jsonl").read_text() == rows
+    outputs = [json.loads(line)["output"] for line in rows.splitlines()]
+    assert all(outputs) and len(set(outputs)) > 1
+
+
+@pytest.mark.slow
 def test_evaluate_py_on_a_run_directory_reproduces_train_py(tmp_path: Path, run_env) -> None:
     run_dir = tmp_path / "train"
     run_script("train.py", ["task=triage", *SHORT, f"hydra.run.dir={run_dir}"], run_env)

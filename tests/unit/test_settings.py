@@ -112,6 +112,8 @@ def _problems_of(cfg: object) -> list[str]:
         ["experiment=qlora_llama3", "method=dpo"],
         ["trainer=fsdp"],
         ["trainer=ddp_cpu", "method=dpo"],
+        ["task=pubmedqa_custom", "method=dpo"],
+        ["task=triage_custom"],
     ],
 )
 def test_shipped_configs_are_valid(overrides: list[str], tmp_path: Path) -> None:

@@ -86,6 +86,12 @@ class Task(ABC):
         """Metrics (keys without ``test/``) over any subset of examples; called once per
         bootstrap resample, so it must be cheap given ``scores``."""
 
+    @classmethod
+    def headline_for_config(cls, task_cfg: Any) -> str:
+        """The headline metric a task config would have, without building the task (no data
+        is loaded). A task whose headline depends on its config overrides this."""
+        return cls.headline_metric
+
     def metric_support(self, scores: list[dict[str, Any]]) -> dict[str, int]:
         """How many examples a metric is over, where that is not all of them (a judge's
         grades, say). Metrics left out are over every test example."""
@@ -142,6 +148,6 @@ def headline_record(cfg: DictConfig) -> dict[str, Any]:
 
     task_class = get_class(str(cfg.task._target_))
     return {
-        "headline_metric": f"test/{task_class.headline_metric}",
+        "headline_metric": f"test/{task_class.headline_for_config(cfg.task)}",
         "count_metrics": sorted(task_class.count_metrics),
     }

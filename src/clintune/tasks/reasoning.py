@@ -144,7 +144,7 @@ def parse_letter(
     return None
 
 
-def _check_options(letters: Sequence[str]) -> Callable[[Any], str | None]:
+def check_options(letters: Sequence[str]) -> Callable[[Any], str | None]:
     def check(options: Any) -> str | None:
         keys = list(options)
         if sorted(keys) != sorted(letters):
@@ -203,7 +203,7 @@ class ReasoningTask(Task):
                 dict,
                 required=needs_options,
                 description="option letter → option text",
-                extra_check=_check_options(self.option_letters),
+                extra_check=check_options(self.option_letters),
             ),
             "answer": FieldSpec(
                 str,
