@@ -24,7 +24,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from clintune.errors import UserError
 
 MethodKind = Literal["none", "sft", "dpo"]
-SaveChoice = Literal["best", "last"]
+SaveChoice = Literal["best", "last", "best_metric"]
 ReferenceMode = Literal["precompute", "adapter_disabled", "copy"]
 PairSource = Literal["auto", "data", "label", "on_policy"]
 DPOLossType = Literal["sigmoid", "ipo", "hinge", "robust"]
@@ -497,6 +497,19 @@ def _method_settings(checker: _Checker, method: Any) -> MethodSettings | None:
 
 def _cross_checks(checker: _Checker, settings: Settings, cfg: DictConfig) -> None:
     method = settings.method
+    stages = [("method", method)]
+    if isinstance(method, DPOSettings) and method.sft is not None:
+        stages.append(("method.sft", method.sft))
+    strategy = OmegaConf.select(cfg, "trainer.strategy", default=None)
+    sharded = "fsdp" in str(strategy.get("_target_") if OmegaConf.is_dict(strategy) else strategy)
+    for key, stage in stages:
+        if isinstance(stage, SFTSettings | DPOSettings) and stage.save == "best_metric" and sharded:
+            # Each rank would generate for its own share of the validation examples, but
+            # sharded weights need every rank in every forward pass.
+            checker.problems.append(
+                f"{key}.save='best_metric' generates on the validation split during training, "
+                "which clintune does not do under FSDP: use best (lowest eval/loss) or last"
+            )
     lora = bool(OmegaConf.select(cfg, "model.lora.enabled", default=False))
     if isinstance(method, DPOSettings):
         if method.reference == "adapter_disabled" and not lora:

@@ -35,7 +35,7 @@ def test_every_bad_choice_is_reported_at_once_with_the_allowed_values(tmp_path: 
     assert len(problems) == 4
     expected = {
         "method.module.loss_type='sigmod'": "'sigmoid', 'ipo', 'hinge', 'robust'",
-        "method.save='bset'": "'best', 'last'",
+        "method.save='bset'": "'best', 'last', 'best_metric'",
         "method.pairs.source='labels'": "'auto', 'data', 'label', 'on_policy'",
         "method.reference='copyy'": "'precompute', 'adapter_disabled', 'copy'",
     }

@@ -92,6 +92,15 @@ class Task(ABC):
         is loaded). A task whose headline depends on its config overrides this."""
         return cls.headline_metric
 
+    def headline_value(self, examples: list[dict[str, Any]], outputs: list[str]) -> float:
+        """The headline metric of raw outputs (no intervals): what ``method.save=best_metric``
+        picks the weights by on the validation split. Tasks whose scoring does more than the
+        headline needs (a judge model) override this with the cheap part."""
+        predictions = [self.parse(output, ex) for output, ex in zip(outputs, examples, strict=True)]
+        golds = [self.gold(example) for example in examples]
+        metrics, _ = self.score(examples, predictions, golds)
+        return float(metrics[self.headline_metric])
+
     def metric_support(self, scores: list[dict[str, Any]]) -> dict[str, int]:
         """How many examples a metric is over, where that is not all of them (a judge's
         grades, say). Metrics left out are over every test example."""
