@@ -255,9 +255,11 @@ def requeue_with_submitit() -> bool:
 
 
 class SaveWeights(Callback):
-    """Keeps the best (lowest monitored value) or last weights in Hugging Face format: full
-    weights, or only the adapter under LoRA. The previous good save stays until a new one is
-    complete, so a crash or a NaN stop leaves the last good weights intact."""
+    """Keeps the best or last weights in Hugging Face format: full weights, or only the
+    adapter under LoRA. ``best`` is the lowest monitored value (``eval/loss``), ``best_metric``
+    the highest (the task's headline metric on the validation split, which
+    ``clintune.eval.validation.ValidationMetric`` logs). The previous good save stays until a
+    new one is complete, so a crash or a NaN stop leaves the last good weights intact."""
 
     def __init__(
         self,
@@ -269,8 +271,8 @@ class SaveWeights(Callback):
         info: dict[str, Any],
         extra_dirs: dict[str, Path] | None = None,
     ) -> None:
-        if save not in {"best", "last"}:
-            raise ValueError(f"method.save must be 'best' or 'last', got {save!r}")
+        if save not in {"best", "last", "best_metric"}:
+            raise ValueError(f"method.save must be 'best', 'last' or 'best_metric', got {save!r}")
         self.dirpath = dirpath
         self.tokenizer = tokenizer
         self.monitor = monitor
@@ -293,15 +295,19 @@ class SaveWeights(Callback):
         self.saved_step = trainer.global_step
 
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.sanity_checking or self.save != "best":
+        if trainer.sanity_checking or self.save == "last":
             return
         metric = trainer.callback_metrics.get(self.monitor)
         if metric is None or not torch.isfinite(metric):
             return
         value = float(metric)
-        if self.best is None or value < self.best:
+        if self.best is None or self.improves(value, self.best):
             self.best = value
             self._write(trainer, module, value)
+
+    def improves(self, value: float, best: float) -> bool:
+        # A loss is best lowest, a task metric highest; a tie keeps the earlier weights.
+        return value > best if self.save == "best_metric" else value < best
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if self.save == "last" or self.saved_step is None:

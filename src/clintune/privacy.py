@@ -5,7 +5,9 @@ with their own files must not inherit the shipped data's "non-sensitive" flag. T
 the machine only when every split the run reads is either
 
 - a shipped data file at its shipped path, unchanged: listed with its SHA-256 in
-  ``data/shipped.sha256`` (written by ``data/generate.py``), or
+  ``data/shipped.sha256`` (the synthetic demo data, written by ``data/generate.py``) or in
+  ``data/real/shipped.sha256`` (the real public data sets whose licence and content make them
+  non-sensitive, written by ``data/real/prepare.py``, which records the reason per set), or
 - a hub data set whose config names it in ``task.data.hub.non_sensitive_dataset``, or
 - covered by the user's own opt-in, ``task.data.contains_sensitive_text=false``, which no
   shipped config sets (a test keeps it that way).
@@ -25,6 +27,8 @@ from clintune.io import file_sha256
 #: as shipped, which errs on the side of keeping text local).
 SHIPPED_DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 SHIPPED_MANIFEST = "shipped.sha256"
+#: Every manifest, relative to the data directory; an entry is relative to its manifest's folder.
+SHIPPED_MANIFESTS = (SHIPPED_MANIFEST, f"real/{SHIPPED_MANIFEST}")
 OPT_IN_KEY = "task.data.contains_sensitive_text=false"
 
 
@@ -45,16 +49,19 @@ class TextPolicy:
 
 
 def read_manifest(data_dir: Path = SHIPPED_DATA_DIR) -> dict[str, str]:
-    """``relative path → sha256`` of the shipped files whose text may be logged."""
-    manifest = data_dir / SHIPPED_MANIFEST
-    if not manifest.is_file():
-        return {}
+    """``path relative to data_dir → sha256`` of the shipped files whose text may be logged,
+    from every manifest in ``SHIPPED_MANIFESTS`` that exists."""
     entries: dict[str, str] = {}
-    for line in manifest.read_text(encoding="utf-8").splitlines():
-        if not line.strip() or line.startswith("#"):
+    for name in SHIPPED_MANIFESTS:
+        manifest = data_dir / name
+        if not manifest.is_file():
             continue
-        digest, relative = line.split(maxsplit=1)
-        entries[relative.strip()] = digest
+        folder = Path(name).parent
+        for line in manifest.read_text(encoding="utf-8").splitlines():
+            if not line.strip() or line.startswith("#"):
+                continue
+            digest, relative = line.split(maxsplit=1)
+            entries[(folder / relative.strip()).as_posix()] = digest
     return entries
 
 
@@ -67,7 +74,8 @@ def shipped_file_reason(path: Path, data_dir: Path = SHIPPED_DATA_DIR) -> str | 
         return f"{path} is not a shipped data file"
     expected = read_manifest(data_dir).get(relative)
     if expected is None:
-        return f"{path} is not listed in {data_dir / SHIPPED_MANIFEST}"
+        listed = " or ".join(str(data_dir / name) for name in SHIPPED_MANIFESTS)
+        return f"{path} is not listed in {listed}"
     if not resolved.is_file() or file_sha256(resolved) != expected:
         return f"{path} differs from the shipped file"
     return None

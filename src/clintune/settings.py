@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 from dataclasses import dataclass
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -23,13 +24,15 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from clintune.errors import UserError
 
 MethodKind = Literal["none", "sft", "dpo"]
-SaveChoice = Literal["best", "last"]
+SaveChoice = Literal["best", "last", "best_metric"]
 ReferenceMode = Literal["precompute", "adapter_disabled", "copy"]
 PairSource = Literal["auto", "data", "label", "on_policy"]
 DPOLossType = Literal["sigmoid", "ipo", "hinge", "robust"]
 Accelerator = Literal["cpu", "gpu", "cuda", "mps", "auto"]
 DType = Literal["float32", "bfloat16", "float16"]
 # Lightning 2.6's accepted values (lightning.fabric.connector._PRECISION_INPUT).
+AnswerType = Literal["label", "letter", "text"]
+CustomMetric = Literal["accuracy", "f1_macro", "exact_match", "rougeL"]
 Precision = Literal[
     "64-true", "64", 64, "32-true", "32", 32, "16-mixed", "16", 16,
     "bf16-mixed", "bf16", "16-true", "bf16-true", "transformer-engine",
@@ -223,6 +226,170 @@ class Settings:
     sweep: SweepSettings | None = None
 
 
+# ---- task=custom: a task defined by its config alone (clintune.tasks.custom) ----------------
+
+CUSTOM_TASK_TARGET = "clintune.tasks.custom.CustomTask"
+#: The metrics each answer type can have; the first ones are the default.
+METRICS_FOR_TYPE: dict[str, tuple[str, ...]] = {
+    "label": ("f1_macro", "accuracy", "exact_match"),
+    "letter": ("accuracy", "f1_macro", "exact_match"),
+    "text": ("rougeL", "exact_match"),
+}
+DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
+    "label": ("f1_macro", "accuracy"),
+    "letter": ("accuracy",),
+    "text": ("rougeL", "exact_match"),
+}
+# Record fields with a meaning of their own, which an answer must not reuse.
+_RESERVED_FIELDS = frozenset({"id", "messages", "rejected"})
+_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class AnswerSettings:
+    """One answer field of a custom task."""
+
+    type: AnswerType
+    labels: list[str] | None = None  # label: the allowed values
+    letters: list[str] | None = None  # letter: the option letters (default A–D)
+    options_field: str | None = None  # letter: the record's {letter: text} field ("options")
+    metrics: list[CustomMetric] | None = None  # default DEFAULT_METRICS[type]
+
+    def metric_names(self) -> tuple[str, ...]:
+        return tuple(self.metrics) if self.metrics else DEFAULT_METRICS[self.type]
+
+    def label_set(self) -> list[str]:
+        """The classes its macro-F1 runs over: the labels, or the option letters."""
+        if self.type == "label":
+            return list(self.labels or [])
+        return list(self.letters or ("A", "B", "C", "D")) if self.type == "letter" else []
+
+
+@dataclass(frozen=True)
+class CustomTaskSettings:
+    answers: dict[str, AnswerSettings]
+    prompt: str | None = None  # a Jinja template over the record's fields; None: messages
+    headline: str | None = None  # a metric key; None: the first answer's first metric
+    correct_rouge_l: float = dataclasses.field(default=0.5, metadata=_between(0, 1))
+
+    def metric_keys(self) -> list[str]:
+        """The task's metric keys (without ``test/``), headline candidates in order: plain
+        names for one answer, ``<field>_<metric>`` for several (then ``exact_match`` too,
+        every answer right)."""
+        several = len(self.answers) > 1
+        keys = [
+            f"{name}_{metric}" if several else metric
+            for name, answer in self.answers.items()
+            for metric in answer.metric_names()
+        ]
+        return [*keys, "exact_match"] if several and "exact_match" not in keys else keys
+
+    def headline_metric(self) -> str:
+        return self.headline or self.metric_keys()[0]
+
+
+def _custom_task_problems(checker: _Checker, settings: CustomTaskSettings) -> None:
+    if not settings.answers:
+        checker.problems.append("task.answers is empty: name at least one answer field")
+    all_labels: dict[str, str] = {}
+    for name, answer in settings.answers.items():
+        key = f"task.answers.{name}"
+        if not _FIELD_NAME.match(name) or name in _RESERVED_FIELDS:
+            checker.problems.append(
+                f"{key}: an answer field must be a plain name other than "
+                f"{sorted(_RESERVED_FIELDS)}, got {name!r}"
+            )
+        for metric in answer.metric_names():
+            if metric not in METRICS_FOR_TYPE[answer.type]:
+                checker.problems.append(
+                    f"{key}.metrics: {metric!r} does not apply to a {answer.type} answer: "
+                    f"expected some of {list(METRICS_FOR_TYPE[answer.type])}"
+                )
+        if answer.type == "label":
+            labels = answer.labels or []
+            if len({label.lower() for label in labels}) < 2:
+                checker.problems.append(f"{key}.labels: a label answer needs two or more labels")
+            for label in labels:
+                if label.lower() in all_labels and all_labels[label.lower()] != name:
+                    checker.problems.append(
+                        f"{key}.labels: {label!r} is also a label of answer "
+                        f"'{all_labels[label.lower()]}', so an answer naming it is ambiguous"
+                    )
+                all_labels[label.lower()] = name
+        elif answer.labels is not None:
+            checker.problems.append(f"{key}.labels: only a label answer has labels")
+        if answer.type == "letter":
+            letters = answer.label_set()
+            if len(set(letters)) < 2 or not all(len(x) == 1 and x.isalpha() for x in letters):
+                checker.problems.append(
+                    f"{key}.letters: expected two or more distinct single letters, got {letters}"
+                )
+        elif answer.letters is not None or answer.options_field is not None:
+            checker.problems.append(f"{key}: only a letter answer has letters and options_field")
+    if len(settings.answers) > 1 and any(a.type == "text" for a in settings.answers.values()):
+        checker.problems.append(
+            "task.answers: a free-text answer must be the only answer (it cannot be told apart "
+            "from the next answer's key in one output)"
+        )
+    if settings.headline is not None and settings.headline not in settings.metric_keys():
+        checker.fail("task.headline", settings.headline, f"one of {settings.metric_keys()}")
+    if settings.prompt is not None:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        try:
+            ImmutableSandboxedEnvironment().parse(settings.prompt)
+        except jinja2.TemplateSyntaxError as error:
+            checker.problems.append(
+                f"task.prompt: not a valid Jinja template: {error.message} (line {error.lineno})"
+            )
+
+
+def custom_task_settings(task: Any) -> CustomTaskSettings:
+    """The typed settings of a ``task=custom`` config; raises ``ConfigError`` with every
+    problem (the type of each key, the metrics an answer type allows, labels, the template)."""
+    checker = _Checker()
+    settings = _read_custom_task(checker, task)
+    if checker.problems:
+        raise ConfigError(checker.problems)
+    assert settings is not None
+    return settings
+
+
+def _read_custom_task(checker: _Checker, task: Any) -> CustomTaskSettings | None:
+    if isinstance(task, DictConfig) and OmegaConf.is_missing(task, "answers"):
+        checker.problems.append(
+            "task.answers is missing: name each answer field and its type, e.g. "
+            "task.answers={label: {type: label, labels: [yes, no]}} (conf/task/custom.yaml)"
+        )
+        return None
+    answers_node = task.get("answers") if isinstance(task, DictConfig | dict) else None
+    if not isinstance(answers_node, DictConfig | dict):
+        checker.fail("task.answers", answers_node, "a mapping of answer field → its settings")
+        return None
+    answers = {
+        str(name): checker.node(AnswerSettings, value, f"task.answers.{name}")
+        for name, value in answers_node.items()
+    }
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(CustomTaskSettings):
+        if field.name == "answers":
+            continue
+        kind = get_type_hints(CustomTaskSettings)[field.name]
+        if field.name in task:
+            values[field.name] = checker.read(
+                kind, task.get(field.name), f"task.{field.name}", field.metadata
+            )
+        elif field.default is dataclasses.MISSING:
+            checker.problems.append(f"task.{field.name} is missing: expected {_type_name(kind)}")
+            return None
+    if checker.problems:
+        return None
+    settings = CustomTaskSettings(answers=answers, **values)
+    _custom_task_problems(checker, settings)
+    return settings
+
+
 # Nodes whose every key is ours: an unknown key there is a typo. The trainer node is passed
 # to Lightning as a whole, so its other keys are Lightning's to check.
 _OPEN_NODES = frozenset({"trainer"})
@@ -375,6 +542,19 @@ def _with_sharding(checker: _Checker, trainer: TrainerSettings, node: Any) -> Tr
 
 def _cross_checks(checker: _Checker, settings: Settings, cfg: DictConfig) -> None:
     method = settings.method
+    stages = [("method", method)]
+    if isinstance(method, DPOSettings) and method.sft is not None:
+        stages.append(("method.sft", method.sft))
+    strategy = OmegaConf.select(cfg, "trainer.strategy", default=None)
+    sharded = "fsdp" in str(strategy.get("_target_") if OmegaConf.is_dict(strategy) else strategy)
+    for key, stage in stages:
+        if isinstance(stage, SFTSettings | DPOSettings) and stage.save == "best_metric" and sharded:
+            # Each rank would generate for its own share of the validation examples, but
+            # sharded weights need every rank in every forward pass.
+            checker.problems.append(
+                f"{key}.save='best_metric' generates on the validation split during training, "
+                "which clintune does not do under FSDP: use best (lowest eval/loss) or last"
+            )
     lora = bool(OmegaConf.select(cfg, "model.lora.enabled", default=False))
     quantization = OmegaConf.select(cfg, "model.quantization", default=None)
     if quantization is not None and settings.trainer.sharding is not None:
@@ -414,6 +594,9 @@ def settings_from(cfg: DictConfig) -> Settings:
     if sections.get("trainer") is not None:
         sections["trainer"] = _with_sharding(checker, sections["trainer"], cfg.trainer)
     seed = checker.read(int, cfg.get("seed"), "seed")
+    task = cfg.get("task")
+    if isinstance(task, DictConfig) and task.get("_target_") == CUSTOM_TASK_TARGET:
+        _read_custom_task(checker, task)
     if checker.problems:
         raise ConfigError(checker.problems)
     settings = Settings(seed=seed, method=method, **sections)  # type: ignore[arg-type]

@@ -33,9 +33,32 @@ def _shipped_data(task: str = "classification") -> dict[str, object]:
     return {s: str(SHIPPED_DATA_DIR / task / f"{s}.jsonl") for s in SPLITS} | {"hub": None}
 
 
+# Real public data sets judged non-sensitive (data/real/prepare.py's PROVENANCE says why;
+# tests/unit/test_real_data.py checks that manifest against it).
+REAL_NON_SENSITIVE = ("mts_dialog", "pubmedqa", "medqa")
+
+
 def test_the_manifest_lists_every_shipped_split() -> None:
     manifest = read_manifest()
-    assert set(manifest) == {f"{task}/{split}.jsonl" for task in SHIPPED_TASKS for split in SPLITS}
+    synthetic = {f"{task}/{split}.jsonl" for task in SHIPPED_TASKS for split in SPLITS}
+    real = {f"real/{name}/{split}.jsonl" for name in REAL_NON_SENSITIVE for split in SPLITS}
+    assert set(manifest) == synthetic | real
+
+
+def test_shipped_real_data_may_show_text_and_an_edited_copy_may_not(tmp_path: Path) -> None:
+    for name in REAL_NON_SENSITIVE:
+        data = {s: str(SHIPPED_DATA_DIR / "real" / name / f"{s}.jsonl") for s in SPLITS}
+        assert text_policy({**data, "hub": None}, SPLITS).may_log_text
+    data_dir = tmp_path / "data"
+    shutil.copytree(SHIPPED_DATA_DIR / "real" / "pubmedqa", data_dir / "real" / "pubmedqa")
+    shutil.copyfile(SHIPPED_DATA_DIR / "real" / "shipped.sha256", data_dir / "real/shipped.sha256")
+    data = {s: str(data_dir / "real" / "pubmedqa" / f"{s}.jsonl") for s in SPLITS}
+    assert text_policy(data, SPLITS, data_dir).may_log_text
+    with open(data["test"], "a", encoding="utf-8") as handle:
+        handle.write("\n")
+    policy = text_policy(data, SPLITS, data_dir)
+    assert set(policy.sensitive_splits) == {"test"}
+    assert "differs from the shipped file" in policy.sensitive_splits["test"]
 
 
 def test_shipped_files_at_their_paths_may_show_text() -> None:

@@ -16,6 +16,7 @@ from scipy import stats
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 
+from clintune.eval.metrics import MACRO_F1_RULE
 from clintune.report import build_report, collect_dirs, collect_wandb, write_report
 from clintune.report.__main__ import main
 from clintune.report.table import Report
@@ -263,6 +264,8 @@ def test_outputs_written(report: Report, sweep: Path) -> None:
     html = (out / "report.html").read_text()
     assert html.count('src="data:image/png;base64,') == 2 and "<style>" in html
     assert "McNemar exact" in (out / "significance.csv").read_text()
+    # The rule for classes without test examples is named wherever macro-F1 is shown.
+    assert f"Macro-F1: {MACRO_F1_RULE}." in (out / "report.md").read_text()
 
 
 def test_cli(sweep: Path, tmp_path: Path) -> None:

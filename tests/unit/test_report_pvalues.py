@@ -89,8 +89,8 @@ def _rows(task: str, method: str, seed: int) -> list[dict[str, Any]]:
             prediction = gold if draw < skill else None if draw > 0.9 else other
             row |= {"target": gold, "prediction": prediction, "correct": prediction == gold}
         elif task == "triage":
-            # "admin" is never the gold provider, only a wrong answer: macro-F1 averages over
-            # the task's provider labels, not just the labels seen among the golds.
+            # "admin" is never the gold provider, only a wrong answer: it has no F1 and is not
+            # averaged, but answering it is still an error.
             gold = {"provider": PROVIDERS[(i + seed) % 3], "urgency": URGENCIES[(2 * i + seed) % 4]}
             provider = gold["provider"] if rng.random() < skill else str(rng.choice(PROVIDERS))
             urgency = gold["urgency"] if rng.random() < skill else str(rng.choice(URGENCIES))
@@ -187,18 +187,19 @@ def two_sided_p(null: np.ndarray, observed: float) -> float:
 
 
 def macro_f1(predicted: np.ndarray, gold: np.ndarray, n_labels: int) -> np.ndarray:
-    """Macro-F1 over labels 0..n_labels-1 of each row of ``predicted`` (label indices; any
-    other index is an invalid answer: wrong, and not a class of the average). A label with no
-    true positive, false positive or false negative scores 0."""
+    """Macro-F1 over the labels 0..n_labels-1 that some gold example has, for each row of
+    ``predicted`` (label indices; any other index is an invalid answer: wrong, and not a class
+    of the average). A label no gold example has has no F1 and is not averaged."""
     scores = []
     for label in range(n_labels):
-        hit = predicted == label
         is_gold = gold == label
+        if not is_gold.any():
+            continue
+        hit = predicted == label
         true_pos = np.sum(hit & is_gold, axis=-1)
         false_pos = np.sum(hit & ~is_gold, axis=-1)
         false_neg = np.sum(~hit & is_gold, axis=-1)
-        denominator = 2 * true_pos + false_pos + false_neg
-        scores.append(np.where(denominator > 0, 2 * true_pos / np.maximum(denominator, 1), 0.0))
+        scores.append(2 * true_pos / (2 * true_pos + false_pos + false_neg))
     return np.mean(scores, axis=0)
 
 
@@ -380,9 +381,9 @@ def test_the_data_can_tell_the_test_variants_apart(report: Report) -> None:
     # Where some pairs tie at zero, dropping them ("wilcox") gives another P value.
     assert any(abs(w - p) > 1e-3 for w, p in zip(wilcox, pratt, strict=True))
 
-    # "admin" is in the task's provider labels but never a gold label: macro-F1 over the task's
-    # labels averages its constant 0 in. That scales the statistic, so P values cannot show
-    # which label set was used; the effect can, and the tests above compare it too.
+    # "admin" is in the task's provider labels but never a gold label: it has no F1, so the
+    # macro-F1 over the task's labels equals the one over the gold labels (MACRO_F1_RULE);
+    # DPO's "admin" answers still count, as errors against their gold class.
     sft, dpo = _pooled("triage", "sft"), _pooled("triage", "dpo")
     arguments = (
         [r["prediction"]["provider"] for r in sft],
@@ -392,7 +393,7 @@ def test_the_data_can_tell_the_test_variants_apart(report: Report) -> None:
     assert "admin" not in arguments[2] and "admin" in arguments[1]
     _, effect_over_task_labels = f1_permutation_p(*arguments, PROVIDERS)
     _, effect_over_gold_labels = f1_permutation_p(*arguments, sorted(set(arguments[2])))
-    assert abs(effect_over_task_labels - effect_over_gold_labels) > 1e-3
+    assert effect_over_task_labels == pytest.approx(effect_over_gold_labels, abs=1e-12)
 
 
 def test_seeds_are_pooled_into_one_test_of_independent_pairs(report: Report) -> None:

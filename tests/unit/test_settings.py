@@ -35,7 +35,7 @@ def test_every_bad_choice_is_reported_at_once_with_the_allowed_values(tmp_path: 
     assert len(problems) == 4
     expected = {
         "method.module.loss_type='sigmod'": "'sigmoid', 'ipo', 'hinge', 'robust'",
-        "method.save='bset'": "'best', 'last'",
+        "method.save='bset'": "'best', 'last', 'best_metric'",
         "method.pairs.source='labels'": "'auto', 'data', 'label', 'on_policy'",
         "method.reference='copyy'": "'precompute', 'adapter_disabled', 'copy'",
     }
@@ -113,6 +113,8 @@ def _problems_of(cfg: object) -> list[str]:
         ["trainer=fsdp"],
         ["trainer=ddp_cpu", "method=dpo"],
         ["trainer=fsdp_cpu", "method=dpo", "method.reference=copy"],
+        ["task=pubmedqa_custom", "method=dpo"],
+        ["task=triage_custom"],
     ],
 )
 def test_shipped_configs_are_valid(overrides: list[str], tmp_path: Path) -> None:

@@ -97,6 +97,17 @@ def test_parse_letter_without_option_texts_reads_only_letters() -> None:
         ("iron-deficiency  anaemia", "iron deficiency anaemia"),
         ("  A  CVA ", "cva"),
         ("...", ""),
+        # punctuation that carries meaning stays
+        ("-0.45", "-0.45"),
+        ("\u22120.45", "-0.45"),  # the Unicode minus sign is a minus
+        ("0.45.", "0.45"),
+        ("0\u00b7718", "0.718"),  # a middle dot between digits is a decimal point
+        ("Naked (+) stranded RNA virus", "naked (+) stranded rna virus"),
+        ("Naked (\u2212) stranded RNA virus", "naked (-) stranded rna virus"),
+        ("CD4+ T cells", "cd4+ t cells"),
+        ("p\u2009<\u20090.05", "p < 0.05"),
+        ("PT: \u2191 | PTT \u2193", "pt \u2191 ptt \u2193"),  # arrows: MedQA dev-373, dev-790
+        ("10 \u00b5g", "10 \u03bcg"),  # micro sign and Greek mu are one letter
     ],
 )
 def test_normalise_answer(text: str, expected: str) -> None:
@@ -165,6 +176,62 @@ def test_parse_with_example_matches_option_text() -> None:
     example = {"options": OPTIONS}
     assert task.parse("Pneumonia", example) == "B"
     assert task.parse("Pneumonia") is None  # without the example there is no text to match
+
+
+# Two MedQA dev items (dev lines 849 and 777) that the old normaliser, which turned every
+# punctuation mark into a space, refused as "expected distinct option texts".
+SIGNED_NUMBERS = {"A": "-0.45", "B": "1.80", "C": "0.45", "D": "-1.80"}
+STRANDS = {
+    "A": "Enveloped (+) stranded RNA virus",
+    "B": "Enveloped (-) stranded RNA virus",
+    "C": "Naked (+) stranded RNA virus",
+    "D": "Naked (-) stranded RNA virus",
+}
+
+
+@pytest.mark.parametrize(("options", "answer"), [(SIGNED_NUMBERS, "C"), (STRANDS, "C")])
+def test_options_that_differ_only_in_sign_are_valid_and_told_apart(
+    tmp_path: Path, options: dict[str, str], answer: str
+) -> None:
+    row = _row("1", options=options, answer=answer, answer_text=options[answer], synonyms=[])
+    [example] = _task(True, {"test": str(_write(tmp_path / "t.jsonl", [row]))}).load_split("test")
+    assert example["options"] == options
+    for letter, text in options.items():
+        # An answer written as an option's text picks that option, not its sign twin.
+        assert parse_letter(text, options=options) == letter
+
+
+@pytest.mark.parametrize(
+    ("output", "correct"),
+    [
+        ("0.45", True),
+        ("The answer is 0.45.", True),
+        ("\u22120.45", False),  # Unicode minus: the opposite sign, not the gold
+        ("-0.45", False),
+        ("1.80", False),
+        ("045", False),
+    ],
+)
+def test_free_text_scoring_keeps_the_sign(output: str, correct: bool) -> None:
+    task = _task(with_options=False)
+    example = {"answer_text": "0.45", "synonyms": [], "options": SIGNED_NUMBERS}
+    [score] = task.score_examples([example], [task.parse(output, example)], [task.gold(example)])
+    assert score["correct"] is correct
+    assert task.is_correct(example, output) is correct
+
+
+def test_free_text_scoring_tells_the_strands_apart() -> None:
+    task = _task(with_options=False)
+    example = {"answer_text": STRANDS["C"], "synonyms": []}
+    assert task.is_correct(example, "Naked (+) stranded RNA virus")
+    assert not task.is_correct(example, "Naked (\u2212) stranded RNA virus")
+    assert not task.is_correct(example, "Naked (-) stranded RNA virus")
+    # Wrong answers for label pairs must not include the gold under another sign's guise.
+    assert task.wrong_answers({**example, "options": STRANDS}) == [
+        STRANDS["A"],
+        STRANDS["B"],
+        STRANDS["D"],
+    ]
 
 
 def _write(path: Path, rows: list[dict[str, Any]]) -> Path:

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
 import torch
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+
+#: The rule for a class without test examples, quoted in warnings, the report and the docs.
+MACRO_F1_RULE = (
+    "macro-F1 is the mean F1 over the classes with at least one test example; a class with "
+    "none has no F1 (undefined, reported as NaN) and is left out of the mean"
+)
 
 
 def label_metrics(
@@ -15,6 +22,11 @@ def label_metrics(
 
     An unparseable prediction (None) is its own class: it is always wrong, lowers the recall
     of its gold class, and is left out of the macro average, which runs over the real labels.
+
+    A label with no gold example has no recall, so its F1 is undefined: it is NaN and left
+    out of the macro average (``MACRO_F1_RULE``). Scoring it 0 would halve a binary task's
+    macro-F1 whenever a test cut holds one class only, however right every prediction was.
+    Predictions of such a label still count against the recall of the examples' true class.
     """
     if len(predictions) != len(golds):
         raise ValueError(f"{len(predictions)} predictions for {len(golds)} gold labels")
@@ -32,10 +44,22 @@ def label_metrics(
     num_classes = len(labels) + 1
     per_class = multiclass_f1_score(predicted, target, num_classes=num_classes, average=None)
     accuracy = multiclass_accuracy(predicted, target, num_classes=num_classes, average="micro")
-    metrics = {
-        "f1_macro": float(per_class[: len(labels)].mean()),
-        "accuracy": float(accuracy),
+    present = set(golds)
+    class_f1 = {
+        label: float(value) if label in present else math.nan
+        for label, value in zip(labels, per_class[: len(labels)].tolist(), strict=True)
     }
-    for label, value in zip(labels, per_class[: len(labels)].tolist(), strict=True):
-        metrics[f"f1_class_{label}"] = float(value)
+    defined = [value for value in class_f1.values() if not math.isnan(value)]
+    metrics = {"f1_macro": sum(defined) / len(defined), "accuracy": float(accuracy)}
+    for label, value in class_f1.items():
+        metrics[f"f1_class_{label}"] = value
     return metrics
+
+
+def undefined_class_f1(metrics: Mapping[str, float]) -> list[str]:
+    """The ``…f1_class_<label>`` keys whose F1 is undefined (the class had no test example)."""
+    return sorted(
+        key
+        for key, value in metrics.items()
+        if "f1_class_" in key and isinstance(value, float) and math.isnan(value)
+    )

@@ -3,15 +3,19 @@ score, and turn the result into the run directory's rows."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from clintune.eval.generation import generate_greedy
+from clintune.eval.metrics import MACRO_F1_RULE, undefined_class_f1
 from clintune.eval.statistics import bootstrap_intervals
 from clintune.tasks.base import Task
 from clintune.tokenization import encode_prompt
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -104,6 +108,13 @@ def score_outputs(
     ]
     golds = [task.gold(example) for example in examples]
     metrics, per_example = task.score(examples, parsed, golds)
+    undefined = undefined_class_f1(metrics)
+    if undefined:
+        log.warning(
+            "%s: no test example has this class, so its F1 is undefined (NaN); %s",
+            ", ".join(undefined),
+            MACRO_F1_RULE,
+        )
     metrics.update(with_intervals(task, parsed, golds, per_example, metrics, **(bootstrap or {})))
     metrics["n"] = float(len(examples))
     metrics["unparseable"] = float(sum(p is None for p in parsed))

@@ -9,8 +9,10 @@ Conventions used throughout:
 * Every test is two-sided and paired: both runs must have scored the *same* test examples.
   :func:`align` pairs prediction rows by ``"id"`` and refuses (:class:`NotPairedError`) runs on
   different examples; a comparison on different test sets is never computed.
-* :func:`compare` picks the test from the metric name through :data:`METRIC_TESTS`, the one
-  table a report can quote for "which test was used".
+* :func:`compare` picks the test from the metric name through :func:`metric_test`:
+  :data:`METRIC_TESTS` by name, else by the name's ending for one answer of several
+  (``<answer>_accuracy``, ``<answer>_f1_macro``, …, as a custom task names them), the one
+  place a report can quote for "which test was used".
 * Several comparisons in one report should be corrected together with :func:`holm`.
 """
 
@@ -333,6 +335,31 @@ METRIC_TESTS: Mapping[str, MetricTest] = {
 }
 """Metric name -> test used by :func:`compare` (quote ``METRIC_TESTS[m].test`` in reports)."""
 
+# The metric an answer's prefixed name ends in → its test, with the per-example field the
+# task writes for that answer (``<answer>_correct``, ``<answer>_rougeL``).
+_PER_ANSWER = {
+    "f1_macro": lambda part: MetricTest(
+        "paired permutation on macro-F1", "permutation_f1", part=part
+    ),
+    "accuracy": lambda part: MetricTest("McNemar exact", "mcnemar", field=f"{part}_correct"),
+    "exact_match": lambda part: MetricTest("McNemar exact", "mcnemar", field=f"{part}_correct"),
+    "rougeL": lambda part: MetricTest(
+        "paired permutation on the mean", "permutation_mean", field=f"{part}_rougeL"
+    ),
+}
+
+
+def metric_test(metric: str) -> MetricTest | None:
+    """How :func:`compare` tests ``metric``: by its name in :data:`METRIC_TESTS`, else as one
+    answer's metric (``provider_f1_macro``, ``dept_accuracy``), else None (no paired test)."""
+    if metric in METRIC_TESTS:
+        return METRIC_TESTS[metric]
+    for suffix, make in _PER_ANSWER.items():
+        part = metric.removesuffix(f"_{suffix}")
+        if part != metric and part:
+            return make(part)
+    return None
+
 
 def _field(rows: Sequence[Row], field: str) -> list[Any]:
     missing = [row.get("id") for row in rows if field not in row]
@@ -372,9 +399,12 @@ def compare(
     ``labels_for(metric)`` if given (and not None), else the sorted set of gold labels.
     ``effect`` is ``metric(b) - metric(a)``.
     """
-    if metric not in METRIC_TESTS:
-        raise ValueError(f"no test for metric {metric!r}; supported: {sorted(METRIC_TESTS)}")
-    spec = METRIC_TESTS[metric]
+    spec = metric_test(metric)
+    if spec is None:
+        raise ValueError(
+            f"no test for metric {metric!r}; supported: {sorted(METRIC_TESTS)} and "
+            f"<answer>_<metric> for {sorted(_PER_ANSWER)}"
+        )
     a, b = align(a_rows, b_rows)
     if spec.kind == "mcnemar":
         assert spec.field is not None

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from clintune.eval.metrics import MACRO_F1_RULE
 from clintune.io import write_atomic
 from clintune.report.table import Cell, ComputeRow, Report
 
@@ -163,6 +164,8 @@ def _footnotes(report: Report) -> list[str]:
     notes.append(
         "Cells are means over seeds; a gap (—) gives its reason and is never counted as zero."
     )
+    if any(cell.metric.endswith("f1_macro") for cell in report.cells):
+        notes.append(f"Macro-F1: {MACRO_F1_RULE}.")
     if report.correction == "holm":
         tests = sum(c.status == "ok" for c in report.comparisons)
         notes.append(

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from clintune.eval.significance import METRIC_TESTS, NotPairedError, compare, holm
+from clintune.eval.significance import NotPairedError, compare, holm, metric_test
 from clintune.report.collect import FINISHED, Collection, RunRecord
 
 METHOD_ORDER = ("base", "sft", "dpo", "dpo_only")
@@ -148,9 +148,10 @@ def _task_class_info(record: RunRecord) -> tuple[str | None, frozenset[str]]:
     module_name, _, class_name = target.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
+        headline = cls.headline_for_config(record.task_config)
     except Exception:  # a task from another checkout: fall back to the known names
         return None, frozenset()
-    return getattr(cls, "headline_metric", None), frozenset(getattr(cls, "count_metrics", ()))
+    return headline, frozenset(getattr(cls, "count_metrics", ()))
 
 
 def is_table_metric(name: str, counts: frozenset[str] = frozenset()) -> bool:
@@ -255,6 +256,17 @@ def _labels_for(records: Sequence[RunRecord]) -> Callable[[str], Sequence[str] |
             value = record.task_config.get(key)
             if isinstance(value, list) and value:
                 return [str(v) for v in value]
+            # A custom task: task.answers.<answer>.labels (or letters), by the metric's prefix,
+            # or the only answer's when the metric has none.
+            answers = record.task_config.get("answers")
+            if isinstance(answers, dict) and answers:
+                answer = answers.get(part) if part else next(iter(answers.values()))
+                if isinstance(answer, dict):
+                    found = answer.get("labels") or answer.get("letters")
+                    if answer.get("type") == "letter" and not found:
+                        found = ["A", "B", "C", "D"]
+                    if isinstance(found, list) and found:
+                        return [str(v) for v in found]
         return None
 
     return labels
@@ -290,7 +302,7 @@ def _compare(
     n_resamples: int,
 ) -> Comparison:
     result = Comparison(task, metric, model, control, treatment, status="not computed")
-    spec = METRIC_TESTS.get(metric)
+    spec = metric_test(metric)
     if spec is None:
         result.note = f"no paired test defined for {metric}"
         return result
@@ -338,7 +350,7 @@ def _compare(
         result.status, result.note = "error", f"{type(error).__name__}: {error}"
         return result
     result.status = "ok"
-    # compare() says how it ran (exact or resampled); METRIC_TESTS says what it tests.
+    # compare() says how it ran (exact or resampled); metric_test says what it tests.
     detail = re.search(r"\(([^)]*)\)$", outcome.test)
     if outcome.test != spec.test and detail:
         result.test = f"{spec.test} ({detail.group(1)})"
@@ -470,7 +482,7 @@ def build_report(
     comparisons: list[Comparison] = []
     for task in tasks:
         for metric in metrics[task]:
-            if metric not in METRIC_TESTS:
+            if metric_test(metric) is None:
                 continue
             for model in models:
                 for control, treatment in COMPARISONS:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from filelock import FileLock, Timeout
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
@@ -32,6 +32,7 @@ from clintune.checkpointing import (
 )
 from clintune.compute import StepThroughput
 from clintune.errors import UserError, out_of_memory_message
+from clintune.eval.validation import ValidationMetric, monitor_for
 from clintune.io import link_or_copy
 from clintune.settings import Settings, TrainSettings
 from clintune.tasks.base import Task
@@ -143,9 +144,11 @@ def fit(
     saver: SaveWeights,
     work_dir: Path,
     stage_prefix: str,
+    extra_callbacks: Sequence[Callback] = (),
 ) -> FitResult:
     """``module`` trained on ``datasets`` by the configured Lightning trainer, resuming from
-    the work directory's last checkpoint when there is one."""
+    the work directory's last checkpoint when there is one. ``extra_callbacks`` run before
+    ``saver`` (``ValidationMetric`` logs what it monitors)."""
     train_set, val_set = datasets
     seed = ctx.settings.seed
     train_sampler = EpochSampler(
@@ -183,7 +186,13 @@ def fit(
         ctx.cfg.trainer,
         default_root_dir=str(ctx.run_dir),
         logger=_loggers(ctx, stage_prefix),
-        callbacks=[saver, state, throughput, LearningRateMonitor(logging_interval="step")],
+        callbacks=[
+            *extra_callbacks,
+            saver,
+            state,
+            throughput,
+            LearningRateMonitor(logging_interval="step"),
+        ],
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,
         max_epochs=train.epochs,
@@ -210,6 +219,38 @@ def fit(
         raise UserError(out_of_memory_message(stage, train.batch_size)) from error
     seconds = state.seconds_before + time.perf_counter() - started
     return FitResult(trainer, seconds, resume_from is not None, throughput.tokens_per_second)
+
+
+def saver_and_callbacks(
+    ctx: StageContext,
+    save: str,
+    train: TrainSettings,
+    tokenizer: Any,
+    work_dir: Path,
+    info: dict[str, Any],
+    extra_dirs: dict[str, Path] | None = None,
+) -> tuple[SaveWeights, list[Callback]]:
+    """The weights saver of a stage, watching ``eval/loss`` or (``save=best_metric``) the
+    task's headline metric on the validation split, which the returned callback logs."""
+    monitor = monitor_for(save, ctx.task)
+    saver = SaveWeights(
+        work_dir / "model", tokenizer, monitor=monitor, save=save, info=info, extra_dirs=extra_dirs
+    )
+    if save != "best_metric":
+        return saver, []
+    validation = ValidationMetric(
+        ctx.task,
+        ctx.splits["val"],
+        tokenizer,
+        max_prompt_length=int(ctx.cfg.model.max_length) - ctx.task.max_new_tokens,
+        batch_size=train.eval_batch_size,
+    )
+    return saver, [validation]
+
+
+def best_key(stage: str, saver: SaveWeights) -> str:
+    """``train/<stage>/best_eval_loss`` or ``train/<stage>/best_eval_<headline metric>``."""
+    return f"train/{stage}/best_{saver.monitor.replace('/', '_')}"
 
 
 def hand_over(source: Path, out_dir: Path, *, drop: Path | None = None) -> None:

@@ -16,7 +16,6 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
 from clintune import distributed
-from clintune.checkpointing import SaveWeights
 from clintune.compute import stage_compute
 from clintune.errors import UserError
 from clintune.eval.generation import generate_sampled
@@ -33,9 +32,11 @@ from clintune.settings import DPOSettings
 from clintune.stages.common import (
     StageContext,
     StageResult,
+    best_key,
     container,
     fit,
     hand_over,
+    saver_and_callbacks,
     stage_lock,
     task_payload,
 )
@@ -239,11 +240,12 @@ def run_dpo_stage(
     extra_dirs = {}
     if lineage.get("merged_adapter") and init_weights is not None:
         extra_dirs[lineage["merged_adapter"]] = init_weights
-    saver = SaveWeights(
-        work_dir / "model",
+    saver, callbacks = saver_and_callbacks(
+        ctx,
+        method.save,
+        method.train,
         tokenizer,
-        monitor="eval/loss",
-        save=method.save,
+        work_dir,
         info={**lineage, "model": cfg.model.name, "task": ctx.task.name, "method": method.name},
         extra_dirs=extra_dirs,
     )
@@ -259,6 +261,7 @@ def run_dpo_stage(
             saver,
             work_dir,
             "",
+            callbacks,
         )
         hand_over(work_dir / "model", out_dir, drop=work_dir)
     reference_tokens += sum(distributed.gather_to_all(module.reference_tokens))
@@ -276,5 +279,5 @@ def run_dpo_stage(
     metrics["compute/dpo/reference_cache_hits"] = float(cache_hits)
     metrics["compute/dpo/shared_prompt"] = float(share_prompt)
     metrics["data/pairs_truncated"] = float(truncated)
-    metrics["train/dpo/best_eval_loss"] = saver.best_or_nan
+    metrics[best_key("dpo", saver)] = saver.best_or_nan
     return StageResult(out_dir, metrics, "")

@@ -12,7 +12,6 @@ from pathlib import Path
 from hydra.utils import instantiate
 
 from clintune import distributed
-from clintune.checkpointing import SaveWeights
 from clintune.compute import stage_compute
 from clintune.io import build_directory_once, content_hash, link_or_copy, write_json_atomic
 from clintune.models.loading import load_for_training
@@ -20,10 +19,12 @@ from clintune.settings import SFTSettings
 from clintune.stages.common import (
     StageContext,
     StageResult,
+    best_key,
     container,
     encode_split,
     fit,
     hand_over,
+    saver_and_callbacks,
     stage_lock,
     task_payload,
 )
@@ -103,11 +104,12 @@ def _train_sft(
     train_set, train_truncated = encode_split(task, tokenizer, ctx.splits["train"], max_length)
     val_set, val_truncated = encode_split(task, tokenizer, ctx.splits["val"], max_length)
     module = instantiate(dataclasses.asdict(stage.module), model=loaded.model)
-    saver = SaveWeights(
-        work_dir / "model",
+    saver, callbacks = saver_and_callbacks(
+        ctx,
+        stage.save,
+        stage.train,
         tokenizer,
-        monitor="eval/loss",
-        save=stage.save,
+        work_dir,
         info={**lineage, "model": cfg.model.name, "task": task.name, "method": "sft"}
         | {"stage_key": key},
     )
@@ -121,6 +123,7 @@ def _train_sft(
         saver,
         work_dir,
         stage_prefix,
+        callbacks,
     )
     metrics = stage_compute(
         "sft",
@@ -138,7 +141,7 @@ def _train_sft(
             "data/train_truncated": float(train_truncated),
             "data/val_examples": float(len(val_set)),
             "data/val_truncated": float(val_truncated),
-            "train/sft/best_eval_loss": saver.best_or_nan,
+            best_key("sft", saver): saver.best_or_nan,
         }
     )
     if distributed.is_rank_zero():

@@ -86,6 +86,21 @@ class Task(ABC):
         """Metrics (keys without ``test/``) over any subset of examples; called once per
         bootstrap resample, so it must be cheap given ``scores``."""
 
+    @classmethod
+    def headline_for_config(cls, task_cfg: Any) -> str:
+        """The headline metric a task config would have, without building the task (no data
+        is loaded). A task whose headline depends on its config overrides this."""
+        return cls.headline_metric
+
+    def headline_value(self, examples: list[dict[str, Any]], outputs: list[str]) -> float:
+        """The headline metric of raw outputs (no intervals): what ``method.save=best_metric``
+        picks the weights by on the validation split. Tasks whose scoring does more than the
+        headline needs (a judge model) override this with the cheap part."""
+        predictions = [self.parse(output, ex) for output, ex in zip(outputs, examples, strict=True)]
+        golds = [self.gold(example) for example in examples]
+        metrics, _ = self.score(examples, predictions, golds)
+        return float(metrics[self.headline_metric])
+
     def metric_support(self, scores: list[dict[str, Any]]) -> dict[str, int]:
         """How many examples a metric is over, where that is not all of them (a judge's
         grades, say). Metrics left out are over every test example."""
@@ -142,6 +157,6 @@ def headline_record(cfg: DictConfig) -> dict[str, Any]:
 
     task_class = get_class(str(cfg.task._target_))
     return {
-        "headline_metric": f"test/{task_class.headline_metric}",
+        "headline_metric": f"test/{task_class.headline_for_config(cfg.task)}",
         "count_metrics": sorted(task_class.count_metrics),
     }

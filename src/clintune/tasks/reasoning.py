@@ -5,7 +5,6 @@ lettered options (``with_options: true``, the answer is a letter) or written out
 from __future__ import annotations
 
 import re
-import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -15,8 +14,34 @@ from clintune.tasks.data import FieldSpec
 
 DEFAULT_LETTERS = ("A", "B", "C", "D")
 
-_ARTICLES = re.compile(r"\b(?:a|an|the)\b")
-_PUNCTUATION = re.compile(rf"[{re.escape(string.punctuation)}‘’“”–—…]")
+_ARTICLES = frozenset({"a", "an", "the"})
+# Characters folded before tokenising: Unicode spaces to a space; the minus sign, en dash and
+# their look-alikes to "-"; the micro sign to mu; the middle dot some sources use as a
+# decimal point ("0·718") to a full stop only between digits (below).
+_FOLD = str.maketrans(
+    {
+        **dict.fromkeys("\u00a0\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008", " "),
+        **dict.fromkeys("\u2009\u200a\u202f\u205f\u3000", " "),
+        **dict.fromkeys("\u2212\u2010\u2011\u2012\u2013\ufe63\uff0d", "-"),
+        "\u00b5": "\u03bc",
+        "\u2103": "\u00b0c",
+        "\u2019": "'",
+    }
+)
+# What an answer keeps, in this order; everything else (other punctuation, quotes, brackets)
+# separates tokens. Signs and decimal points carry meaning: "-0.45" is not "0.45", and
+# "(+) stranded" is not "(-) stranded".
+_ANSWER_TOKEN = re.compile(
+    r"""
+      \(\s*[-+±]\s*\)                                # a bracketed sign: "(+)", "(-)"
+    | (?<![\w.])[-+±]?\d+(?:[.,]\d+)*                 # a number, with its sign: "-0.45", "1,000"
+    | (?<![\w.])[-+±]?\.\d+                          # ".5"
+    | [^\W_]+(?:[-+](?![\w]))?                       # a word, with a trailing sign: "cd4+", "rh-"
+    | [+±<>≤≥%↑↓←→↔]                                 # a plus, comparison or arrow means something
+    """,
+    re.VERBOSE,
+)
+_DECIMAL_DOT = re.compile(r"(?<=\d)\u00b7(?=\d)")
 # Lead-ins a model may put before a free-text answer; removed so "Diagnosis: gout" scores.
 _FREE_TEXT_LEAD_IN = re.compile(
     r"^(?:(?:the\s+)?(?:most\s+likely\s+|final\s+|correct\s+)?"
@@ -38,11 +63,17 @@ class CheckedFieldSpec(FieldSpec):
 
 
 def normalise_answer(text: str) -> str:
-    """Lowercase, punctuation (hyphens included) to spaces, articles dropped, whitespace
-    collapsed: "The Graves' disease." → "graves disease"."""
-    text = _PUNCTUATION.sub(" ", text.lower())
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
+    """Lowercase, articles dropped, punctuation that only separates words (hyphens between
+    words, quotes, full stops) made a space, whitespace collapsed: "The Graves' disease." →
+    "graves disease", "iron-deficiency" → "iron deficiency".
+
+    Punctuation that carries meaning is kept: a number's sign and decimal point ("-0.45",
+    "−0.45" → "-0.45", never "0.45"), a bracketed sign ("Naked (+) stranded" → "naked (+)
+    stranded"), a sign after a word ("CD4+", "Rh-"), comparisons and arrows ("↑ ↓" is not
+    "↓ ↑")."""
+    folded = _DECIMAL_DOT.sub(".", text.translate(_FOLD).lower())
+    tokens = [re.sub(r"\s+", "", token) for token in _ANSWER_TOKEN.findall(folded)]
+    return " ".join(token for token in tokens if token not in _ARTICLES)
 
 
 def parse_free_text(output: str) -> str | None:
@@ -113,7 +144,7 @@ def parse_letter(
     return None
 
 
-def _check_options(letters: Sequence[str]) -> Callable[[Any], str | None]:
+def check_options(letters: Sequence[str]) -> Callable[[Any], str | None]:
     def check(options: Any) -> str | None:
         keys = list(options)
         if sorted(keys) != sorted(letters):
@@ -172,7 +203,7 @@ class ReasoningTask(Task):
                 dict,
                 required=needs_options,
                 description="option letter → option text",
-                extra_check=_check_options(self.option_letters),
+                extra_check=check_options(self.option_letters),
             ),
             "answer": FieldSpec(
                 str,

@@ -122,6 +122,14 @@ class SummarizationTask(Task):
             for prediction, gold, grade, text in zip(predictions, golds, grades, raw, strict=True)
         ]
 
+    def headline_value(self, examples: list[dict[str, Any]], outputs: list[str]) -> float:
+        # ROUGE-L only: the judge is for the test split, not for every validation.
+        scores = [
+            rouge_l(self.parse(output, example), self.gold(example))
+            for output, example in zip(outputs, examples, strict=True)
+        ]
+        return sum(scores) / len(scores)
+
     def metric_support(self, scores: list[dict[str, Any]]) -> dict[str, int]:
         return {"likert_mean": sum(score["likert"] is not None for score in scores)}
 
