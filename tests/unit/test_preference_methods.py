@@ -235,3 +235,88 @@ def test_rpo_keeps_the_chosen_likelihood_that_dpo_lets_fall() -> None:
     assert rpo_module.METHOD == "RPO"
     _logged(results[1.0][1], (*PAIRED_NAMES, "nll_loss"))
     assert "train/nll_loss" not in results[0.0][1].callback_metrics  # plain DPO
+
+
+# --------------------------------------------------------------------------- two ranks
+
+
+class _OtherRank:
+    """A stand-in trainer of a two-rank world whose ``reduce`` adds the other rank's value."""
+
+    world_size = 2
+
+    def __init__(self, other: torch.Tensor) -> None:
+        self.other = other
+        self.strategy = self
+
+    def reduce(self, value: torch.Tensor, reduce_op: str) -> torch.Tensor:
+        assert reduce_op == "sum"
+        return value + self.other
+
+
+def _loss_and_gradients(module: L.LightningModule, batch: dict[str, torch.Tensor]):
+    module.zero_grad()
+    loss = module.pair_losses(batch)["losses"].mean()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in module.parameters() if p.requires_grad]
+
+
+def _halves(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Rank 0 gets items 0-1, rank 1 items 2-3, in the layout the collate gives each rank."""
+    rows = batch["completion_ids"].size(0) // 2  # shared-prompt layout: [chosen; rejected]
+    halves = []
+    for items in (slice(0, 2), slice(2, 4)):
+        pair_rows = torch.arange(2 * rows).view(2, rows)[:, items].flatten()
+        half = {}
+        for key, value in batch.items():
+            half[key] = value[pair_rows] if value.size(0) == 2 * rows else value[items]
+        halves.append(half)
+    return halves
+
+
+@pytest.mark.parametrize("method", ["orpo", "kto"])
+def test_two_ranks_take_the_same_step_as_one_process(method: str) -> None:
+    """The global-batch parts of the losses under a faked two-rank world: ORPO's NLL over the
+    global batch's chosen tokens (as SFT), KTO's reference point averaged over ranks (as TRL
+    gathers it). DDP's mean of the ranks' gradients equals one process's on the whole batch;
+    rank-local normalisation would not (the ranks' completion lengths differ)."""
+    torch.manual_seed(5)
+    model = micro_llama().double()
+    if method == "orpo":
+        module = ORPOModule(model, learning_rate=1.0, beta=0.5)
+        # Chosen answers of 2 + 1 tokens on rank 0 and 3 + 4 on rank 1.
+        items = [(PAIRS[i], 0.0, 0.0) for i in (0, 2, 1, 3)]
+    else:
+        module = KTOModule(model, learning_rate=1.0, beta=0.5, reference="precompute")
+        with torch.no_grad():
+            logps = pair_forward(model, _kto_batch(share_prompt=True)).logps.chunk(2)
+        offsets = torch.tensor([0.5, 1.5, -0.2, 3.0], dtype=torch.float64)
+        items = [
+            (pair, float(own - 0.3), float(mismatched - offset), wanted)
+            for (pair, wanted), own, mismatched, offset in zip(
+                UNPAIRED, logps[0], logps[1], offsets, strict=True
+            )
+        ]
+    batch = collate_with_reference(items, PAD, share_prompt=True)
+    for key in ("ref_chosen_logps", "ref_rejected_logps"):
+        batch[key] = batch[key].double()
+    halves = _halves(batch)
+
+    whole_loss, whole_gradients = _loss_and_gradients(module, batch)
+    with torch.no_grad():  # what each rank contributes to the other's reduction
+        if method == "orpo":
+            shares = [h["completion_mask"][:2].sum().double() for h in halves]
+        else:
+            shares = []
+            for half in halves:
+                _, mismatched = pair_forward(model, half).logps.chunk(2)
+                shares.append((mismatched - half["ref_rejected_logps"]).mean())
+    results = []
+    for rank, half in enumerate(halves):
+        module.trainer = _OtherRank(shares[1 - rank])  # type: ignore[assignment]
+        results.append(_loss_and_gradients(module, half))
+    (loss_0, gradients_0), (loss_1, gradients_1) = results
+    assert shares[0] != shares[1]  # the ranks' halves really differ
+    torch.testing.assert_close((loss_0 + loss_1) / 2, whole_loss)
+    for whole, first, second in zip(whole_gradients, gradients_0, gradients_1, strict=True):
+        torch.testing.assert_close((first + second) / 2, whole)
