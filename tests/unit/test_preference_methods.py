@@ -90,6 +90,8 @@ def _reference_free_compute(module: L.LightningModule, model: torch.nn.Module, s
     assert tokens == module.tokens_trained > 0
     # Reference-free: the FLOPs are the training passes' alone.
     assert figures[f"compute/{stage}/flops_estimate"] == training_flops(total, trainable, tokens)
+    # On CPU: no GPU held, so no GPU-hours (the report shows "— (CPU)").
+    assert figures[f"compute/{stage}/gpus"] == figures[f"compute/{stage}/gpu_hours"] == 0
 
 
 def _logged(trainer: L.Trainer, names: tuple[str, ...]) -> None:
