@@ -201,6 +201,26 @@ def _share_prompt(args: argparse.Namespace, cfg: Any) -> bool:
     return args.share_prompt == "true"
 
 
+def _precompute(
+    model: Any, encoded: list[Any], args: argparse.Namespace, collate: Any, pad_id: int
+) -> tuple[list[float], list[float], float]:
+    """Reference log-probs of every pair as the stage precomputes them, and the seconds."""
+    from functools import partial
+
+    from torch.utils.data import DataLoader
+
+    from clintune.methods.dpo import precompute_reference_logps
+
+    started = time.perf_counter()
+    loader = DataLoader(
+        encoded,  # type: ignore[arg-type]
+        batch_size=args.ref_batch_size,
+        collate_fn=partial(collate, pad_token_id=pad_id),
+    )
+    chosen, rejected, _ = precompute_reference_logps(model, loader)
+    return chosen.tolist(), rejected.tolist(), time.perf_counter() - started
+
+
 def _run_ours(args: argparse.Namespace, method: str, result: dict[str, Any]) -> None:
     from functools import partial
 
@@ -211,7 +231,7 @@ def _run_ours(args: argparse.Namespace, method: str, result: dict[str, Any]) -> 
     from torch.utils.data import DataLoader
 
     from clintune import stages
-    from clintune.methods.dpo import DPOModule, precompute_reference_logps
+    from clintune.methods.dpo import DPOModule
     from clintune.methods.sft import SFTModule
     from clintune.tokenization import collate_sft
 
@@ -274,15 +294,10 @@ def _run_ours(args: argparse.Namespace, method: str, result: dict[str, Any]) -> 
         pair_collate = stages.pair_collate(bool(shared))
         reference_model = None
         if reference == "precompute":
-            started = time.perf_counter()
-            ref_loader = DataLoader(
-                encoded,  # type: ignore[arg-type]
-                batch_size=args.ref_batch_size,
-                collate_fn=partial(pair_collate, pad_token_id=pad_id),
+            chosen, rejected, precompute_seconds = _precompute(
+                model, encoded, args, pair_collate, pad_id
             )
-            chosen, rejected, _ = precompute_reference_logps(model, ref_loader)
-            items = list(zip(encoded, chosen.tolist(), rejected.tolist(), strict=True))
-            precompute_seconds = time.perf_counter() - started
+            items = list(zip(encoded, chosen, rejected, strict=True))
         else:
             reference_model = copy.deepcopy(model)
             items = [(pair, 0.0, 0.0) for pair in encoded]
@@ -315,15 +330,10 @@ def _run_ours(args: argparse.Namespace, method: str, result: dict[str, Any]) -> 
         pair_collate = stages.pair_collate(bool(shared))
         columns: list[list[Any]] = [encoded, [0.0] * len(encoded), [0.0] * len(encoded)]
         if reference == "precompute":
-            started = time.perf_counter()
-            ref_loader = DataLoader(
-                encoded,  # type: ignore[arg-type]
-                batch_size=args.ref_batch_size,
-                collate_fn=partial(pair_collate, pad_token_id=pad_id),
+            chosen, rejected, precompute_seconds = _precompute(
+                model, encoded, args, pair_collate, pad_id
             )
-            chosen, rejected, _ = precompute_reference_logps(model, ref_loader)
-            columns[1:] = [chosen.tolist(), rejected.tolist()]
-            precompute_seconds = time.perf_counter() - started
+            columns[1:] = [chosen, rejected]
         if desirable:
             columns.append(desirable)
         items = list(zip(*columns, strict=True))
