@@ -1,4 +1,5 @@
-"""Benchmark: clintune's DPO and SFT against TRL's DPOTrainer and SFTTrainer, one invocation.
+"""Benchmark: clintune's DPO and SFT against TRL's DPOTrainer and SFTTrainer, one invocation;
+and clintune's ORPO, SimPO, KTO and RPO, timed per example relative to its SFT.
 
 Both implementations train the same tiny model (loaded with ``from_pretrained`` from the
 directory the project's builder makes), on the same preference pairs (label pairs from the
@@ -33,8 +34,20 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 IMPLEMENTATIONS = ("ours", "trl")
-METHODS = ("sft", "dpo-precompute", "dpo-copy")
-REFERENCE = {"sft": "-", "dpo-precompute": "precomputed", "dpo-copy": "model copy"}
+# Timed for clintune only: their time per example relative to SFT (no TRL peer is run).
+OURS_ONLY = ("orpo", "simpo", "kto", "rpo")
+METHODS = ("sft", "dpo-precompute", "dpo-copy", *OURS_ONLY)
+REFERENCE = {
+    "sft": "-",
+    "dpo-precompute": "precomputed",
+    "dpo-copy": "model copy",
+    "orpo": "none",
+    "simpo": "none",
+    "kto": "precomputed",
+    "rpo": "precomputed",
+}
+# What one "example" is: a pair, or for KTO one thumbs-up/down example (two per pair).
+UNIT = {"sft": "examples", "kto": "examples"}
 
 
 # ----------------------------------------------------------------------------- shared set-up
@@ -72,14 +85,14 @@ def measure_matmul_gflops(threads: int, size: int = 2048, seconds: float = 3.0) 
     return 2 * size**3 * runs / elapsed / 1e9
 
 
-def _compose(model: str, cache_dir: str) -> Any:
+def _compose(model: str, cache_dir: str, method: str = "dpo") -> Any:
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(
             config_name="train",
-            overrides=[f"model={model}", "task=classification", "method=dpo", "logger=none"],
+            overrides=[f"model={model}", "task=classification", f"method={method}", "logger=none"],
         )
     with open_dict(cfg):
         cfg.paths.root = str(REPO)
@@ -145,6 +158,21 @@ def _our_encodings(setup: dict[str, Any], max_length: int, sft: bool) -> list[An
     return [encode_pair(tok, p.messages, p.chosen, p.rejected, max_length) for p in setup["pairs"]]
 
 
+def _kto_encodings(setup: dict[str, Any], max_length: int) -> tuple[list[Any], list[bool]]:
+    """KTO's examples from the pairs as the stage derives them (chosen desirable, rejected
+    undesirable), each with a mismatched completion for the KL estimate."""
+    from clintune.methods.preferences import mismatched_completions, unpaired_from_pairs
+    from clintune.tokenization import encode_pair
+
+    unpaired = unpaired_from_pairs(setup["pairs"])
+    mismatched = mismatched_completions(unpaired, seed=0)
+    encoded = [
+        encode_pair(setup["tokenizer"], u.messages, u.completion, other, max_length)
+        for u, other in zip(unpaired, mismatched, strict=True)
+    ]
+    return encoded, [u.desirable for u in unpaired]
+
+
 def _token_counts(
     encoded: list[Any], batch_size: int, sft: bool, shared_prompt: bool = False
 ) -> dict[str, int]:
@@ -199,6 +227,26 @@ def _share_prompt(args: argparse.Namespace, cfg: Any) -> bool:
     return args.share_prompt == "true"
 
 
+def _precompute(
+    model: Any, encoded: list[Any], args: argparse.Namespace, collate: Any, pad_id: int
+) -> tuple[list[float], list[float], float]:
+    """Reference log-probs of every pair as the stage precomputes them, and the seconds."""
+    from functools import partial
+
+    from torch.utils.data import DataLoader
+
+    from clintune.methods.dpo import precompute_reference_logps
+
+    started = time.perf_counter()
+    loader = DataLoader(
+        encoded,  # type: ignore[arg-type]
+        batch_size=args.ref_batch_size,
+        collate_fn=partial(collate, pad_token_id=pad_id),
+    )
+    chosen, rejected, _ = precompute_reference_logps(model, loader)
+    return chosen.tolist(), rejected.tolist(), time.perf_counter() - started
+
+
 def _run_ours(args: argparse.Namespace, method: str, result: dict[str, Any]) -> None:
     from functools import partial
 
@@ -209,7 +257,7 @@ def _run_ours(args: argparse.Namespace, method: str, result: dict[str, Any]) -> 
     from torch.utils.data import DataLoader
 
     from clintune import stages
-    from clintune.methods.dpo import DPOModule, precompute_reference_logps
+    from clintune.methods.dpo import DPOModule
     from clintune.methods.sft import SFTModule
     from clintune.tokenization import collate_sft
 
@@ -238,11 +286,16 @@ def _run_ours(args: argparse.Namespace, method: str, result: dict[str, Any]) -> 
     cfg, model, tokenizer = setup["cfg"], setup["model"], setup["tokenizer"]
     pad_id = tokenizer.pad_token_id
     sft = method == "sft"
-    encoded = _our_encodings(setup, args.max_length, sft)
+    desirable: list[bool] = []
+    if method == "kto":
+        encoded, desirable = _kto_encodings(setup, args.max_length)
+    else:
+        encoded = _our_encodings(setup, args.max_length, sft)
     shared = _share_prompt(args, cfg) if not sft else None
     result["share_prompt"] = shared
     result.update(_token_counts(encoded, args.batch_size, sft, bool(shared)))
     result["truncated"] = sum(e.truncated for e in encoded)
+    result["examples"] = len(encoded)
     steps = len(encoded) // args.batch_size
     precompute_seconds = 0.0
 
@@ -260,7 +313,7 @@ def _run_ours(args: argparse.Namespace, method: str, result: dict[str, Any]) -> 
             shuffle=False,
             collate_fn=partial(collate_sft, pad_token_id=pad_id),
         )
-    else:
+    elif method.startswith("dpo"):
         dpo_cfg = cfg.method.module
         reference = "precompute" if method == "dpo-precompute" else "copy"
         # The layout the stage code uses: concatenated rows, or one prompt pass shared by both
@@ -268,15 +321,10 @@ def _run_ours(args: argparse.Namespace, method: str, result: dict[str, Any]) -> 
         pair_collate = stages.pair_collate(bool(shared))
         reference_model = None
         if reference == "precompute":
-            started = time.perf_counter()
-            ref_loader = DataLoader(
-                encoded,  # type: ignore[arg-type]
-                batch_size=args.ref_batch_size,
-                collate_fn=partial(pair_collate, pad_token_id=pad_id),
+            chosen, rejected, precompute_seconds = _precompute(
+                model, encoded, args, pair_collate, pad_id
             )
-            chosen, rejected, _ = precompute_reference_logps(model, ref_loader)
-            items = list(zip(encoded, chosen.tolist(), rejected.tolist(), strict=True))
-            precompute_seconds = time.perf_counter() - started
+            items = list(zip(encoded, chosen, rejected, strict=True))
         else:
             reference_model = copy.deepcopy(model)
             items = [(pair, 0.0, 0.0) for pair in encoded]
@@ -300,6 +348,34 @@ def _run_ours(args: argparse.Namespace, method: str, result: dict[str, Any]) -> 
             ),
         )
 
+    elif method in OURS_ONLY:
+        # The method's own config (conf/method/<method>.yaml), as train.py would compose it.
+        from omegaconf import OmegaConf
+
+        method_cfg = _compose(args.model, args.cache_dir, method).method
+        reference = method_cfg.get("reference")
+        pair_collate = stages.pair_collate(bool(shared))
+        columns: list[list[Any]] = [encoded, [0.0] * len(encoded), [0.0] * len(encoded)]
+        if reference == "precompute":
+            chosen, rejected, precompute_seconds = _precompute(
+                model, encoded, args, pair_collate, pad_id
+            )
+            columns[1:] = [chosen, rejected]
+        if desirable:
+            columns.append(desirable)
+        items = list(zip(*columns, strict=True))
+        references = {"reference": reference} if reference else {}
+        module_cfg = OmegaConf.to_container(method_cfg.module, resolve=True)
+        module = instantiate(module_cfg, model=model, **references)
+        steps = len(items) // args.batch_size
+        loader = DataLoader(
+            items,
+            batch_size=args.batch_size,
+            shuffle=False,
+            collate_fn=partial(
+                stages.collate_with_reference, pad_token_id=pad_id, share_prompt=bool(shared)
+            ),
+        )
     timer = StepTimer()
     trainer: L.Trainer = instantiate(
         cfg.trainer,
@@ -592,6 +668,7 @@ def summarise(
                 "peak_rss_mb": _median(runs, "peak_rss_mb"),
                 "rss_growth_mb": _median(runs, "peak_rss_mb") - _median(runs, "rss_loaded_mb"),
                 "tokens": runs[0]["tokens"],
+                "examples": runs[0].get("examples"),
                 "padded_tokens": runs[0]["padded_tokens"],
                 "identical_sequences": runs[0].get("identical_sequences"),
                 "compared_sequences": runs[0].get("compared_sequences"),
@@ -630,7 +707,6 @@ def _shared(rows: dict[tuple[str, str], dict[str, Any]]) -> str:
 
 def render(summary: dict[str, Any], args: argparse.Namespace) -> str:
     rows = summary["_keys"]
-    unit = {"sft": "examples", "dpo-precompute": "pairs", "dpo-copy": "pairs"}
     lines = [
         f"model={args.model} pairs={args.pairs} batch={args.batch_size} "
         f"max_length={args.max_length} threads={args.threads} repeats={args.repeats} "
@@ -656,7 +732,8 @@ def render(summary: dict[str, Any], args: argparse.Namespace) -> str:
             low, high = row["s_per_step_range"]
             lines.append(
                 f"| {impl} | {method.split('-')[0].upper()} | {REFERENCE[method]} "
-                f"| {row['examples_per_s']:.2f} {unit[method]} | {row['s_per_step']:.3f} "
+                f"| {row['examples_per_s']:.2f} {UNIT.get(method, 'pairs')} "
+                f"| {row['s_per_step']:.3f} "
                 f"| {low:.3f}–{high:.3f} | {row['cpu_s_per_step']:.3f} "
                 f"| {row['precompute_seconds']:.2f} "
                 f"| {row['examples_per_s_with_reference']:.2f} | {row['peak_rss_mb']:.0f} "
@@ -697,6 +774,28 @@ def render(summary: dict[str, Any], args: argparse.Namespace) -> str:
                 dpo = rows.get((impl, method))
                 cells.append(f"{sft['examples_per_s'] / dpo[key]:.2f}" if dpo else "-")
             lines.append(f"| {impl} | {' | '.join(cells)} |")
+    ours_sft = rows.get(("ours", "sft"))
+    others = [m for m in args.methods if m != "sft" and rows.get(("ours", m))]
+    if ours_sft and others:
+        lines += [
+            "",
+            "clintune's methods, time per example relative to its SFT (an example: a pair, "
+            "or for KTO one desirable/undesirable example, two per pair):",
+            "",
+            "| method | reference | time per example / SFT's (steady) | incl. precompute "
+            "| trained tokens per example / SFT's |",
+            "|---|---|---|---|---|",
+        ]
+        sft_tokens = ours_sft["tokens"] / ours_sft["examples"]
+        for method in others:
+            row = rows[("ours", method)]
+            steady = ours_sft["examples_per_s"] / row["examples_per_s"]
+            with_ref = ours_sft["examples_per_s"] / row["examples_per_s_with_reference"]
+            # Real (non-padding) tokens through the policy's forward and backward per example.
+            tokens = row["tokens"] / row["examples"] / sft_tokens
+            lines.append(
+                f"| {method} | {REFERENCE[method]} | {steady:.2f} | {with_ref:.2f} | {tokens:.2f} |"
+            )
     lines += ["", "Sequences (TRL's tokenisation of the pre-templated text vs clintune's ids):"]
     for method in args.methods:
         ours, trl = rows.get(("ours", method)), rows.get(("trl", method))
@@ -786,6 +885,8 @@ def main(argv: list[str] | None = None) -> None:
         order = IMPLEMENTATIONS if repeat % 2 == 0 else IMPLEMENTATIONS[::-1]
         for method in args.methods:
             for impl in order:
+                if impl == "trl" and method in OURS_ONLY:
+                    continue  # no TRL peer is timed for these
                 name = f"{impl}:{method}"
                 print(f"[{time.perf_counter() - started:6.0f}s] running {name}", file=sys.stderr)
                 result = _run_worker(args, name)

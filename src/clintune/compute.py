@@ -82,6 +82,10 @@ def stage_compute(
 ) -> dict[str, float]:
     """A stage's ``compute/<stage>/…`` figures, summed (tokens) or maxed (memory) over ranks."""
     total, trainable = count_parameters(model)
+    # One GPU per process where the stage trained on CUDA; GPU-hours are what a GPU bill
+    # counts: the stage's wall time times the GPUs it held.
+    on_gpu = any(parameter.is_cuda for parameter in model.parameters())
+    gpus = float(distributed.world_size()) if on_gpu else 0.0
     # Every rank counts its own share of the data.
     tokens = sum(distributed.gather_to_all(int(module.tokens_trained)))
     padding = sum(distributed.gather_to_all(int(module.padding_tokens_trained)))
@@ -99,6 +103,8 @@ def stage_compute(
         f"compute/{stage}/peak_memory_bytes": float(peak),
         f"compute/{stage}/processes": float(distributed.world_size()),
         f"compute/{stage}/tokens_per_second": float(tokens_per_second),
+        f"compute/{stage}/gpus": gpus,
+        f"compute/{stage}/gpu_hours": seconds * gpus / 3600,
     }
 
 
@@ -111,6 +117,7 @@ def total_compute(metrics: dict[str, float], stages: list[str]) -> dict[str, flo
         "padding_tokens",
         "reference_tokens",
         "flops_estimate",
+        "gpu_hours",
     ):
         totals[f"compute/{figure}"] = sum(metrics.get(f"compute/{s}/{figure}", 0.0) for s in stages)
     peaks = [metrics.get(f"compute/{s}/peak_memory_bytes", 0.0) for s in stages]

@@ -24,11 +24,17 @@ from clintune.eval.runner import EvalResult, generate_outputs, score_outputs
 from clintune.io import write_json_atomic, write_jsonl_atomic
 from clintune.models.loading import load_model, read_checkpoint_manifest
 from clintune.privacy import text_policy
-from clintune.settings import ConfigError, DPOSettings, EvalSettings, SFTSettings, settings_from
+from clintune.settings import (
+    PREFERENCE_SETTINGS,
+    ConfigError,
+    EvalSettings,
+    SFTSettings,
+    settings_from,
+)
 from clintune.stages import (
     StageContext,
     StageResult,
-    run_dpo_stage,
+    run_preference_stage,
     run_sft_stage,
     start_from_checkpoint,
 )
@@ -47,17 +53,17 @@ def _train(ctx: StageContext) -> dict[str, float]:
     if isinstance(method, SFTSettings):
         metrics.update(run_sft_stage(ctx, method, weights).metrics)
         stages.append("sft")
-    elif isinstance(method, DPOSettings):
+    elif isinstance(method, PREFERENCE_SETTINGS):
         init: StageResult | None = None
         if method.init_from is not None:
             init = start_from_checkpoint(Path(method.init_from))
-        elif method.sft is not None:
+        elif method.sft_stage is not None:
             sft_weights = ctx.run_dir / rundir.SFT_WEIGHTS
-            init = run_sft_stage(ctx, method.sft, sft_weights, stage_prefix="sft")
+            init = run_sft_stage(ctx, method.sft_stage, sft_weights, stage_prefix="sft")
             metrics.update(init.metrics)
             stages.append("sft")
-        metrics.update(run_dpo_stage(ctx, method, init, weights).metrics)
-        stages.append("dpo")
+        metrics.update(run_preference_stage(ctx, method, init, weights).metrics)
+        stages.append(method.kind)
     metrics.update(total_compute(metrics, stages))
     return metrics
 

@@ -23,10 +23,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from clintune.errors import UserError
 
-MethodKind = Literal["none", "sft", "dpo"]
+MethodKind = Literal["none", "sft", "dpo", "orpo", "simpo", "kto"]
 SaveChoice = Literal["best", "last", "best_metric"]
 ReferenceMode = Literal["precompute", "adapter_disabled", "copy"]
 PairSource = Literal["auto", "data", "label", "on_policy"]
+UnpairedSource = Literal["auto", "data", "pairs"]
 DPOLossType = Literal["sigmoid", "ipo", "hinge", "robust"]
 Accelerator = Literal["cpu", "gpu", "cuda", "mps", "auto"]
 DType = Literal["float32", "bfloat16", "float16"]
@@ -90,6 +91,38 @@ class DPOModuleSettings(SFTModuleSettings):
     beta: float = dataclasses.field(metadata=_positive())
     loss_type: DPOLossType
     label_smoothing: float = dataclasses.field(metadata={">=": 0, "<": 0.5})
+    # RPO: weight of the chosen answer's NLL added to the DPO loss (0: plain DPO)
+    nll_alpha: float = dataclasses.field(metadata=_minimum(0))
+
+
+@dataclass(frozen=True)
+class ORPOModuleSettings(SFTModuleSettings):
+    beta: float = dataclasses.field(metadata=_positive())  # the ORPO paper's lambda
+
+
+@dataclass(frozen=True)
+class SimPOModuleSettings(SFTModuleSettings):
+    beta: float = dataclasses.field(metadata=_positive())
+    gamma: float = dataclasses.field(metadata=_minimum(0))  # target reward margin
+    label_smoothing: float = dataclasses.field(metadata={">=": 0, "<": 0.5})
+
+
+@dataclass(frozen=True)
+class KTOModuleSettings(SFTModuleSettings):
+    beta: float = dataclasses.field(metadata=_positive())
+    desirable_weight: float = dataclasses.field(metadata=_positive())
+    undesirable_weight: float = dataclasses.field(metadata=_positive())
+
+
+@dataclass(frozen=True)
+class UnpairedSettings:
+    """Where KTO's unpaired examples come from: ``data`` (records with a ``completion`` and a
+    ``label_field`` of desirable/undesirable), ``pairs`` (each preference pair's chosen answer
+    desirable, its rejected one undesirable), or ``auto`` (data where a record has
+    feedback, else pairs)."""
+
+    source: UnpairedSource
+    label_field: str
 
 
 @dataclass(frozen=True)
@@ -110,8 +143,22 @@ class SFTSettings:
     save: SaveChoice
 
 
+class _PreferenceMethod:
+    """What the stages ask of every preference method, whichever keys it has."""
+
+    @property
+    def sft_stage(self) -> SFTSettings | None:
+        """The SFT stage run first, if the method has one."""
+        return getattr(self, "sft", None)
+
+    @property
+    def reference_mode(self) -> str | None:
+        """How the reference log-probs are obtained; None for a reference-free method."""
+        return getattr(self, "reference", None)
+
+
 @dataclass(frozen=True)
-class DPOSettings:
+class DPOSettings(_PreferenceMethod):
     name: str
     kind: Literal["dpo"]
     sft: SFTSettings | None
@@ -125,14 +172,73 @@ class DPOSettings:
 
 
 @dataclass(frozen=True)
+class ORPOSettings(_PreferenceMethod):
+    """One stage from the base model (ORPO folds SFT into its loss): no SFT stage, no
+    reference model."""
+
+    name: str
+    kind: Literal["orpo"]
+    init_from: str | None
+    share_prompt: bool
+    pairs: PairSettings
+    module: ORPOModuleSettings
+    train: TrainSettings
+    save: SaveChoice
+
+
+@dataclass(frozen=True)
+class SimPOSettings(_PreferenceMethod):
+    """After the SFT stage, with no reference model."""
+
+    name: str
+    kind: Literal["simpo"]
+    sft: SFTSettings | None
+    init_from: str | None
+    share_prompt: bool
+    pairs: PairSettings
+    module: SimPOModuleSettings
+    train: TrainSettings
+    save: SaveChoice
+
+
+@dataclass(frozen=True)
+class KTOSettings(_PreferenceMethod):
+    """After the SFT stage, on unpaired examples; ``pairs`` says how pairs are built when
+    the unpaired examples are derived from them."""
+
+    name: str
+    kind: Literal["kto"]
+    sft: SFTSettings | None
+    init_from: str | None
+    share_prompt: bool
+    reference: ReferenceMode
+    pairs: PairSettings
+    unpaired: UnpairedSettings
+    module: KTOModuleSettings
+    train: TrainSettings
+    save: SaveChoice
+
+
+PreferenceSettings = DPOSettings | ORPOSettings | SimPOSettings | KTOSettings
+PREFERENCE_SETTINGS = (DPOSettings, ORPOSettings, SimPOSettings, KTOSettings)
+
+
+@dataclass(frozen=True)
 class BaseSettings:
     name: str
     kind: Literal["none"]
     module: None
 
 
-MethodSettings = BaseSettings | SFTSettings | DPOSettings
-_METHOD_CLASSES: dict[str, type] = {"none": BaseSettings, "sft": SFTSettings, "dpo": DPOSettings}
+MethodSettings = BaseSettings | SFTSettings | PreferenceSettings
+_METHOD_CLASSES: dict[str, type] = {
+    "none": BaseSettings,
+    "sft": SFTSettings,
+    "dpo": DPOSettings,
+    "orpo": ORPOSettings,
+    "simpo": SimPOSettings,
+    "kto": KTOSettings,
+}
 _METHOD_KEYS = {
     field.name for kind in _METHOD_CLASSES.values() for field in dataclasses.fields(kind)
 }
@@ -562,17 +668,22 @@ def _cross_checks(checker: _Checker, settings: Settings, cfg: DictConfig) -> Non
             f"model.quantization={quantization} cannot be sharded (4-bit weights under FSDP are "
             "not supported): use trainer=gpu or trainer=ddp for QLoRA"
         )
-    if isinstance(method, DPOSettings):
-        if method.reference == "adapter_disabled" and not lora:
+    if isinstance(method, PREFERENCE_SETTINGS):
+        if method.reference_mode == "adapter_disabled" and not lora:
             checker.problems.append(
                 "method.reference='adapter_disabled' needs a LoRA policy: set "
                 "model.lora.enabled=true, or use method.reference=precompute or copy"
             )
-        if method.reference == "copy" and lora:
+        if method.reference_mode == "copy" and lora:
             checker.problems.append(
                 "method.reference='copy' with model.lora.enabled=true would copy the whole "
                 "model for nothing: use method.reference=adapter_disabled (or precompute)"
             )
+    if isinstance(method, KTOSettings) and not method.unpaired.label_field.strip():
+        checker.problems.append(
+            "method.unpaired.label_field='' is not allowed: expected the name of the field "
+            "holding desirable/undesirable (default: label)"
+        )
 
 
 def settings_from(cfg: DictConfig) -> Settings:

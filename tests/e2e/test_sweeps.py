@@ -107,13 +107,23 @@ def test_submitit_local_launcher_runs_a_job(tmp_path: Path, run_env) -> None:
     assert list((sweep / ".submitit").iterdir())  # the job really went through submitit
 
 
-@pytest.mark.parametrize("experiment", ["study_grid", "demo_grid"])
-def test_grid_experiments_compose(experiment: str, run_env) -> None:
+ALL_METHODS = "base,sft,dpo,orpo,simpo,kto,rpo"
+
+
+@pytest.mark.parametrize(
+    ("experiment", "methods"),
+    [
+        ("study_grid", ALL_METHODS),
+        ("demo_grid", "base,sft,dpo"),
+        ("demo_grid_methods", ALL_METHODS),
+    ],
+)
+def test_grid_experiments_compose(experiment: str, methods: str, run_env) -> None:
     result = run_script("train.py", [f"experiment={experiment}", "--cfg", "hydra"], run_env)
     hydra_cfg = yaml.safe_load(result.stdout)["hydra"]
     params = hydra_cfg["sweeper"]["params"]
     assert params["task"] == "classification,reasoning,summarization,triage"
-    assert params["method"] == "base,sft,dpo"
+    assert params["method"] == methods
     assert hydra_cfg["mode"] == "MULTIRUN"
     assert hydra_cfg["sweep"]["dir"] == "multirun/${sweep.name}"
     job = yaml.safe_load(
@@ -146,6 +156,6 @@ def test_wandb_sweep_files_describe_the_grids() -> None:
 
     study = yaml.safe_load((REPO / "sweeps" / "wandb_study_grid.yaml").read_text())
     assert study["program"] == "train.py" and study["method"] == "grid"
-    assert study["parameters"]["method"]["values"] == ["base", "sft", "dpo"]
+    assert study["parameters"]["method"]["values"] == ALL_METHODS.split(",")
     assert study["parameters"]["model"]["values"] == ["llama3", "mistral2"]
     assert "${args_no_hyphens}" in study["command"]

@@ -16,7 +16,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from clintune.errors import UserError, require_accelerator
-from clintune.settings import ConfigError, DPOSettings, SFTSettings, settings_from
+from clintune.settings import PREFERENCE_SETTINGS, ConfigError, SFTSettings, settings_from
 from clintune.tasks.base import Task
 
 CONF = REPO / "conf"
@@ -78,11 +78,13 @@ def test_every_method_builds_its_module(method: str, tmp_path: Path, tiny_models
     cfg = compose_train([f"method={method}"], tmp_path)
     settings = settings_from(cfg)
     assert settings.method.name == method
-    if isinstance(settings.method, SFTSettings | DPOSettings):
+    if isinstance(settings.method, (SFTSettings, *PREFERENCE_SETTINGS)):
         model = tiny_models["tiny_llama"].model
-        extra = {"reference": "precompute"} if isinstance(settings.method, DPOSettings) else {}
+        reference = getattr(settings.method, "reference_mode", None)
+        extra = {"reference": reference} if reference else {}
         module = instantiate(dataclasses.asdict(settings.method.module), model=model, **extra)
         assert module.model is model
+        assert getattr(module, "reference", None) == reference
 
 
 @pytest.mark.parametrize("trainer", _options("trainer"))
@@ -127,7 +129,7 @@ def test_every_logger_config_names_its_backend(logger: str, tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("experiment", _options("experiment"))
-@pytest.mark.parametrize("method", ["base", "sft", "dpo"])
+@pytest.mark.parametrize("method", ["base", "sft", "dpo", "orpo", "simpo", "kto", "rpo"])
 def test_every_experiment_is_valid_for_each_method(
     experiment: str, method: str, tmp_path: Path
 ) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from trl.trainer.dpo_trainer import DPOTrainer
 
-from clintune.methods.losses import completion_logps, dpo_loss
+from clintune.methods.losses import completion_logps, dpo_loss, rpo_loss
 from clintune.tokenization import IGNORE_INDEX
 
 TOL = 1e-6
@@ -58,7 +58,15 @@ def _identity(x):
     return x
 
 
-def _stand_in_trainer(model: _FakeModel, *, beta: float, loss_type: str, label_smoothing: float):
+def _stand_in_trainer(
+    model: _FakeModel,
+    *,
+    beta: float,
+    loss_type: str | list[str],
+    label_smoothing: float,
+    loss_weights: list[float] | None = None,
+):
+    loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     accelerator = types.SimpleNamespace(
         device=torch.device("cpu"),
         gather=_identity,
@@ -72,8 +80,8 @@ def _stand_in_trainer(model: _FakeModel, *, beta: float, loss_type: str, label_s
         ld_alpha=None,
         precompute_ref_logps=True,
         f_divergence_type="reverse_kl",
-        loss_types=[loss_type],
-        loss_weights=[1.0],
+        loss_types=loss_types,
+        loss_weights=loss_weights or [1.0] * len(loss_types),
         beta=beta,
         label_smoothing=label_smoothing,
         use_weighting=False,
@@ -109,8 +117,9 @@ def trl_compute(
     rejected_lengths: torch.Tensor,
     *,
     beta: float,
-    loss_type: str,
+    loss_type: str | list[str],
     label_smoothing: float,
+    loss_weights: list[float] | None = None,
     seed: int = 0,
 ) -> tuple[float, dict[str, float]]:
     """TRL's batch-mean loss and its logged train metrics for this batch."""
@@ -120,7 +129,11 @@ def trl_compute(
     )
     model = _FakeModel(torch.cat([policy_chosen, policy_rejected]), completion_mask)
     trainer = _stand_in_trainer(
-        model, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing
+        model,
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=label_smoothing,
+        loss_weights=loss_weights,
     )
     inputs = {
         "input_ids": input_ids,
@@ -216,6 +229,48 @@ def test_hinge_cases_cover_both_sides_of_the_kink() -> None:
         [dpo_loss(*_random_batch(seed)[:4], beta=0.1, loss_type="hinge")[0] for seed in SEEDS]
     )
     assert (losses == 0).any() and (losses > 0).any()
+
+
+# --------------------------------------------------------------------------- RPO
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize(("beta", "nll_alpha"), [(0.1, 1.0), (0.5, 0.3)])
+def test_rpo_matches_trl_sigmoid_plus_sft(seed: int, beta: float, nll_alpha: float) -> None:
+    """RPO is TRL's ``loss_type=["sigmoid", "sft"]`` with ``loss_weights=[1, alpha]``; its
+    "sft" term is the token-weighted NLL of the batch's chosen completions."""
+    pc, pr, rc, rr, cl, rl = _random_batch(seed)
+    assert not torch.equal(cl, rl) and cl.unique().numel() > 1  # lengths matter here
+    trl = {
+        "beta": beta,
+        "loss_type": ["sigmoid", "sft"],
+        "label_smoothing": 0.0,
+        "loss_weights": [1.0, nll_alpha],
+    }
+    trl_loss, metrics = trl_compute(pc, pr, rc, rr, cl, rl, **trl, seed=seed)
+    losses, chosen_rewards, rejected_rewards = rpo_loss(
+        pc, pr, rc, rr, chosen_lengths=cl, beta=beta, nll_alpha=nll_alpha, nll_num_tokens=cl.sum()
+    )
+    assert losses.shape == (BATCH,) and losses.dtype == torch.float64
+    assert losses.mean().item() == pytest.approx(trl_loss, abs=TOL, rel=TOL)
+    assert metrics["rewards/chosen"] == pytest.approx(chosen_rewards.mean().item(), abs=TOL)
+    assert metrics["rewards/rejected"] == pytest.approx(rejected_rewards.mean().item(), abs=TOL)
+    # The NLL term really is in play: plain DPO gives another loss.
+    plain = dpo_loss(pc, pr, rc, rr, beta=beta)[0].mean().item()
+    assert abs(plain - trl_loss) > 1e-2
+
+    # Each pair alone: the default (per-example mean) NLL is TRL's for a batch of one.
+    per_example, _, _ = rpo_loss(pc, pr, rc, rr, chosen_lengths=cl, beta=beta, nll_alpha=nll_alpha)
+    for i in range(BATCH):
+        one = [t[i : i + 1] for t in (pc, pr, rc, rr, cl, rl)]
+        trl_loss_i, _ = trl_compute(*one, **trl, seed=seed + i)
+        assert per_example[i].item() == pytest.approx(trl_loss_i, abs=TOL, rel=TOL)
+
+
+def test_rpo_rejects_a_negative_alpha() -> None:
+    pc, pr, rc, rr, cl, _ = _random_batch(0)
+    with pytest.raises(ValueError, match="nll_alpha"):
+        rpo_loss(pc, pr, rc, rr, chosen_lengths=cl, nll_alpha=-0.1)
 
 
 # --------------------------------------------------------------------------- cDPO and validation

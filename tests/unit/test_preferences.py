@@ -10,7 +10,16 @@ import pytest
 from helpers import compose_train
 from hydra.utils import instantiate
 
-from clintune.methods.preferences import SOURCES, build_pairs
+from clintune.methods.preferences import (
+    SOURCES,
+    FeedbackError,
+    UnpairedExample,
+    build_pairs,
+    mismatched_completions,
+    split_by_feedback,
+    unpaired_counts,
+    unpaired_from_pairs,
+)
 from clintune.tasks.base import Task
 
 _TASKS: dict[tuple[str, ...], Task] = {}
@@ -333,3 +342,112 @@ def test_invalid_source_raises(tasks, source: str) -> None:
     assert source not in SOURCES
     with pytest.raises(ValueError, match=r"method\.pairs\.source"):
         build_pairs(tasks("classification"), [_classification(0, "yes")], source=source)
+
+
+# --------------------------------------------------------------------------- KTO: unpaired
+
+
+def _feedback(idx: int, label: str, completion: str | None = "provider: nurse; urgency: soon"):
+    record = _triage(idx)
+    record["label"] = label
+    if completion is not None:
+        record["completion"] = completion
+    return record
+
+
+def test_auto_takes_the_records_feedback_and_derives_the_rest_from_pairs(tasks) -> None:
+    task = tasks("triage")
+    examples = [_feedback(0, "desirable"), _feedback(1, "undesirable"), _triage(2), _triage(3)]
+    own, rest = split_by_feedback(task, examples, source="auto", label_field="label")
+    assert [(u.example_id, u.desirable, u.source) for u in own] == [
+        ("t0", True, "data"),
+        ("t1", False, "data"),
+    ]
+    assert own[0].completion == "provider: nurse; urgency: soon"
+    assert own[0].messages == task.messages(examples[0])
+    assert [e["id"] for e in rest] == ["t2", "t3"]
+
+    pairs, _ = build_pairs(task, rest, source="label", seed=0)
+    derived = unpaired_from_pairs(pairs)
+    assert [(u.example_id, u.desirable) for u in derived] == [
+        ("t2", True),
+        ("t2", False),
+        ("t3", True),
+        ("t3", False),
+    ]
+    assert derived[0].completion == task.target_text(rest[0])
+    assert derived[1].completion == pairs[0].rejected
+    assert unpaired_counts(own + derived) == {
+        "unpaired/desirable": 3,
+        "unpaired/undesirable": 3,
+        "unpaired/from_data": 2,
+        "unpaired/from_pairs": 4,
+        "unpaired/total": 6,
+    }
+
+
+def test_data_and_pairs_sources_take_only_their_own(tasks) -> None:
+    task = tasks("triage")
+    examples = [_feedback(0, "desirable"), _triage(1)]
+    own, rest = split_by_feedback(task, examples, source="data", label_field="label")
+    assert [u.example_id for u in own] == ["t0"] and rest == []
+    own, rest = split_by_feedback(task, examples, source="pairs", label_field="label")
+    assert own == [] and [e["id"] for e in rest] == ["t0", "t1"]
+
+
+def test_a_gold_label_field_is_not_feedback(tasks) -> None:
+    """Classification's own ``label`` (yes/no) is the gold answer, not a thumbs-up: with no
+    ``completion`` the record is left to the pairs; KTO feedback there needs another field."""
+    task = tasks("classification")
+    examples = [_classification(0, "yes"), _classification(1, "no", verdict="desirable")]
+    examples[1]["completion"] = "yes"
+    own, rest = split_by_feedback(task, examples, source="auto", label_field="verdict")
+    assert [u.example_id for u in own] == ["c1"] and [e["id"] for e in rest] == ["c0"]
+
+
+@pytest.mark.parametrize(
+    ("record", "match"),
+    [
+        (_feedback(0, "good"), r"'label' must be 'desirable' or 'undesirable'.*'good'"),
+        (_feedback(0, "desirable", completion="  "), "'completion' must be non-empty"),
+        (_feedback(0, "undesirable", completion=None), "no 'completion' field"),
+    ],
+)
+def test_inconsistent_feedback_names_the_example_and_field(tasks, record, match: str) -> None:
+    with pytest.raises(FeedbackError, match=match) as raised:
+        split_by_feedback(tasks("triage"), [record], source="auto", label_field="label")
+    assert "'t0'" in str(raised.value)
+
+
+def test_unpaired_from_pairs_keeps_a_repeated_chosen_answer_once(tasks) -> None:
+    task = tasks("triage")
+    pairs, _ = build_pairs(task, [_triage(0)], source="label", seed=0, max_pairs_per_example=3)
+    assert len(pairs) == 3
+    derived = unpaired_from_pairs(pairs)
+    assert [u.desirable for u in derived] == [True, False, False, False]
+
+
+def _unpaired(ids: list[str]) -> list[UnpairedExample]:
+    return [
+        UnpairedExample(i, [{"role": "user", "content": i}], f"{i}-answer-{n}", n % 2 == 0, "pairs")
+        for n, i in enumerate(ids)
+    ]
+
+
+def test_mismatched_completions_come_from_other_prompts_and_are_seeded() -> None:
+    # Derived pairs put two completions of one prompt side by side.
+    examples = _unpaired(["a", "a", "b", "b", "c", "c", "d"])
+    mismatched = mismatched_completions(examples, seed=0)
+    assert len(mismatched) == len(examples)
+    by_text = {u.completion: u.example_id for u in examples}
+    for example, other in zip(examples, mismatched, strict=True):
+        assert by_text[other] != example.example_id
+    assert mismatched_completions(examples, seed=0) == mismatched
+    assert any(mismatched_completions(examples, seed=s) != mismatched for s in range(1, 5))
+    two = _unpaired(["a", "b"])
+    assert mismatched_completions(two, seed=3) == ["b-answer-1", "a-answer-0"]
+
+
+def test_mismatched_completions_need_two_prompts() -> None:
+    with pytest.raises(ValueError, match="at least two different prompts"):
+        mismatched_completions(_unpaired(["a", "a", "a"]), seed=0)

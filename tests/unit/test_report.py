@@ -259,10 +259,12 @@ def test_outputs_written(report: Report, sweep: Path) -> None:
     out = sweep.parent / "out"
     written = write_report(report, out, {"finished": 21, "failed": 2})
     names = {"report.md", "comparison.csv", "compute.csv", "significance.csv", "report.html"}
+    names |= {"cost_effectiveness.csv", "cost_classification.png", "cost_reasoning.png"}
     assert set(written) == names
     assert {p.name for p in out.iterdir()} == names  # no temporary files left behind
     html = (out / "report.html").read_text()
-    assert html.count('src="data:image/png;base64,') == 2 and "<style>" in html
+    # Per task: the metric bars and the cost-effectiveness plot.
+    assert html.count('src="data:image/png;base64,') == 4 and "<style>" in html
     assert "McNemar exact" in (out / "significance.csv").read_text()
     # The rule for classes without test examples is named wherever macro-F1 is shown.
     assert f"Macro-F1: {MACRO_F1_RULE}." in (out / "report.md").read_text()
@@ -353,6 +355,6 @@ def test_html_renders_in_chromium(report: Report, tmp_path: Path) -> None:
     shutil.rmtree(profile, ignore_errors=True)
     assert result.returncode == 0, result.stderr[-2000:]
     dom = result.stdout
-    assert 'data-images-loaded="true"' in dom and 'data-image-count="2"' in dom
+    assert 'data-images-loaded="true"' in dom and 'data-image-count="4"' in dom
     assert "— (failed: FloatingPointError (s1, s2))" in dom
     assert "f1_macro (headline)" in dom and "McNemar exact" in dom

@@ -231,7 +231,11 @@ def test_online_logs_both_tables_into_a_report_run_of_the_group(fake_wandb: Fake
     (run,) = fake_wandb.runs
     assert run.finished
     (logged,) = run.logged
-    assert set(logged) == {"report/comparison", "report/significance"}
+    assert set(logged) == {
+        "report/comparison",
+        "report/significance",
+        "report/cost_effectiveness",
+    }  # the stand-in has no Image: no cost plots
     comparison, significance = logged["report/comparison"], logged["report/significance"]
     assert (comparison.columns, comparison.data) == comparison_table_rows(report)
     assert (significance.columns, significance.data) == significance_table_rows(report)

@@ -81,6 +81,53 @@ def test_cross_field_problems_are_caught_before_loading(tmp_path: Path) -> None:
     assert "copy the whole model" in problems[0]
 
 
+@pytest.mark.parametrize(
+    ("method", "override", "fragment"),
+    [
+        ("rpo", "method.module.nll_alpha=-0.5", "method.module.nll_alpha=-0.5"),
+        ("orpo", "method.module.beta=0", "method.module.beta=0 is not allowed: expected > 0"),
+        ("simpo", "method.module.gamma=-1", "method.module.gamma=-1 is not allowed"),
+        ("simpo", "method.module.label_smoothing=0.5", "expected >= 0 and < 0.5"),
+        ("kto", "method.module.desirable_weight=0", "method.module.desirable_weight=0"),
+        ("kto", "method.unpaired.source=pair", "did you mean 'pairs'?"),
+        ("kto", "method.unpaired.label_field=''", "method.unpaired.label_field=''"),
+        ("kto", "method.reference=adapter_disabled", "model.lora.enabled=true"),
+    ],
+)
+def test_the_other_preference_methods_check_their_keys(
+    method: str, override: str, fragment: str, tmp_path: Path
+) -> None:
+    problems = _problems([f"method={method}", override], tmp_path)
+    assert len(problems) == 1, problems
+    assert fragment in problems[0], problems
+
+
+@pytest.mark.parametrize(
+    ("method", "kind", "has_sft", "reference"),
+    [
+        ("orpo", "orpo", False, None),
+        ("simpo", "simpo", True, None),
+        ("kto", "kto", True, "precompute"),
+        ("rpo", "dpo", True, "precompute"),
+    ],
+)
+def test_the_other_preference_methods_compose(
+    method: str, kind: str, has_sft: bool, reference: str | None, tmp_path: Path
+) -> None:
+    settings = settings_from(compose_train([f"method={method}"], tmp_path))
+    assert settings.method.kind == kind and settings.method.name == method
+    assert (settings.method.sft_stage is not None) == has_sft
+    assert settings.method.reference_mode == reference
+    if has_sft:  # the same SFT stage as method=sft, so a sweep trains it once
+        sft = settings_from(compose_train(["method=sft"], tmp_path)).method
+        assert dataclasses.asdict(settings.method.sft_stage) == dataclasses.asdict(sft)
+    if method == "rpo":
+        assert settings.method.module.nll_alpha == 1.0
+    if method == "orpo":  # it replaces SFT: SFT's learning rate
+        cfg = compose_train([f"method={method}"], tmp_path)
+        assert settings.method.module.learning_rate == cfg.model.learning_rate
+
+
 def test_a_misspelt_key_in_an_experiment_file_is_caught(tmp_path: Path) -> None:
     cfg = compose_train(["method=dpo"], tmp_path)
     from omegaconf import open_dict

@@ -383,6 +383,57 @@ def _macro_f1(labels: Sequence[str]) -> Callable[[np.ndarray], float]:
     return f1
 
 
+def paired_items(
+    metric: str,
+    a_rows: Sequence[Row],
+    b_rows: Sequence[Row],
+    *,
+    labels_for: Callable[[str], Sequence[str] | None] | None = None,
+) -> tuple[Callable[[np.ndarray], float], list[Any], list[Any], int]:
+    """The metric as a function of per-example items, both runs' items on the paired
+    examples, and how many pairs were left out (a missing Likert grade). The one place that
+    says what :func:`compare` tests and :func:`difference_ci` resamples."""
+    spec = metric_test(metric)
+    if spec is None:
+        raise ValueError(
+            f"no test for metric {metric!r}; supported: {sorted(METRIC_TESTS)} and "
+            f"<answer>_<metric> for {sorted(_PER_ANSWER)}"
+        )
+    a, b = align(a_rows, b_rows)
+    if spec.kind in ("mcnemar", "wilcoxon", "permutation_mean"):
+        assert spec.field is not None
+        a_values, b_values = _field(a, spec.field), _field(b, spec.field)
+        if spec.kind == "mcnemar":
+            return (
+                np.mean,
+                [float(bool(v)) for v in a_values],
+                [float(bool(v)) for v in b_values],
+                0,
+            )
+        if spec.kind == "wilcoxon":
+            kept = [(x, y) for x, y in zip(a_values, b_values, strict=True) if None not in (x, y)]
+            dropped = len(a_values) - len(kept)
+            return np.mean, [float(x) for x, _ in kept], [float(y) for _, y in kept], dropped
+        a_floats = np.array(a_values, dtype=float)
+        b_floats = np.array(b_values, dtype=float)
+        if np.isnan(a_floats).any() or np.isnan(b_floats).any():
+            raise ValueError(f"missing {spec.field!r} scores: cannot test the mean")
+        return np.mean, list(a_floats), list(b_floats), 0
+    golds = [_label(target, spec.part) for target in _field(a, "target")]
+    if any(gold is None for gold in golds):
+        raise ValueError(f"some targets have no {spec.part or 'label'} for {metric!r}")
+    labels = labels_for(metric) if labels_for is not None else None
+    if labels is None:
+        labels = sorted(set(golds))
+    a_items = [
+        (_label(p, spec.part), g) for p, g in zip(_field(a, "prediction"), golds, strict=True)
+    ]
+    b_items = [
+        (_label(p, spec.part), g) for p, g in zip(_field(b, "prediction"), golds, strict=True)
+    ]
+    return _macro_f1(list(labels)), a_items, b_items, 0
+
+
 def compare(
     metric: str,
     a_rows: Sequence[Row],
@@ -400,41 +451,48 @@ def compare(
     ``effect`` is ``metric(b) - metric(a)``.
     """
     spec = metric_test(metric)
-    if spec is None:
-        raise ValueError(
-            f"no test for metric {metric!r}; supported: {sorted(METRIC_TESTS)} and "
-            f"<answer>_<metric> for {sorted(_PER_ANSWER)}"
-        )
-    a, b = align(a_rows, b_rows)
+    statistic, a_items, b_items, _ = paired_items(metric, a_rows, b_rows, labels_for=labels_for)
+    assert spec is not None
     if spec.kind == "mcnemar":
-        assert spec.field is not None
-        return mcnemar_exact(
-            [bool(v) for v in _field(a, spec.field)], [bool(v) for v in _field(b, spec.field)]
-        )
+        return mcnemar_exact([bool(v) for v in a_items], [bool(v) for v in b_items])
     if spec.kind == "wilcoxon":
         assert spec.field is not None
+        a, b = align(a_rows, b_rows)
         return wilcoxon_signed_rank(_field(a, spec.field), _field(b, spec.field))
-    if spec.kind == "permutation_mean":
-        assert spec.field is not None
-        a_values = np.array(_field(a, spec.field), dtype=float)
-        b_values = np.array(_field(b, spec.field), dtype=float)
-        if np.isnan(a_values).any() or np.isnan(b_values).any():
-            raise ValueError(f"missing {spec.field!r} scores: cannot test the mean")
-        return paired_permutation_test(
-            np.mean, a_values, b_values, n_resamples=n_resamples, seed=seed
-        )
-    golds = [_label(target, spec.part) for target in _field(a, "target")]
-    if any(gold is None for gold in golds):
-        raise ValueError(f"some targets have no {spec.part or 'label'} for {metric!r}")
-    labels = labels_for(metric) if labels_for is not None else None
-    if labels is None:
-        labels = sorted(set(golds))
-    a_items = [
-        (_label(p, spec.part), g) for p, g in zip(_field(a, "prediction"), golds, strict=True)
-    ]
-    b_items = [
-        (_label(p, spec.part), g) for p, g in zip(_field(b, "prediction"), golds, strict=True)
-    ]
-    return paired_permutation_test(
-        _macro_f1(list(labels)), a_items, b_items, n_resamples=n_resamples, seed=seed
+    return paired_permutation_test(statistic, a_items, b_items, n_resamples=n_resamples, seed=seed)
+
+
+def difference_ci(
+    metric: str,
+    a_rows: Sequence[Row],
+    b_rows: Sequence[Row],
+    *,
+    labels_for: Callable[[str], Sequence[str] | None] | None = None,
+    n_resamples: int = 10000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[float, float]:
+    """Paired percentile-bootstrap CI of ``metric(b) - metric(a)``: the test examples are
+    resampled with replacement, the same ones for both runs (``scipy.stats.bootstrap`` with
+    ``paired=True``), and the metric recomputed on each resample, so macro-F1 works as well
+    as means. (NaN, NaN) with fewer than two paired examples."""
+    statistic, a_items, b_items, _ = paired_items(metric, a_rows, b_rows, labels_for=labels_for)
+    pooled, n = _pooled(a_items, b_items)
+    if n < 2:
+        return float("nan"), float("nan")
+
+    def difference(a_index: np.ndarray, b_index: np.ndarray) -> float:
+        return float(statistic(pooled[b_index]) - statistic(pooled[a_index]))
+
+    result = bootstrap(
+        (np.arange(n), np.arange(n, 2 * n)),
+        difference,
+        paired=True,
+        vectorized=False,
+        n_resamples=n_resamples,
+        confidence_level=confidence,
+        method="percentile",
+        rng=np.random.default_rng(seed),
     )
+    interval = result.confidence_interval
+    return float(interval.low), float(interval.high)

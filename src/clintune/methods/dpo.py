@@ -1,13 +1,16 @@
-"""Direct preference optimisation, from the SFT weights (the study's SFT→DPO).
+"""Direct preference optimisation, from the SFT weights (the study's SFT→DPO), and what
+every preference method shares (``PreferenceModule``).
 
-One concatenated forward pass scores chosen and rejected completions together; the loss is
-``losses.dpo_loss``; metrics carry TRL's names so W&B panels line up with TRL runs."""
+One forward pass scores chosen and rejected completions together; the loss is
+``losses.dpo_loss`` (``losses.rpo_loss`` with an NLL weight); metrics carry TRL's names so
+W&B panels line up with TRL runs."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import torch
@@ -21,7 +24,7 @@ from clintune.methods.logprobs import (
     sequence_token_logps,
     sum_by_row,
 )
-from clintune.methods.losses import DPO_LOSS_TYPES, dpo_loss
+from clintune.methods.losses import DPO_LOSS_TYPES, dpo_loss, rpo_loss
 from clintune.methods.optim import ComputeCounters, ShardableModel, WarmupCosineAdamW
 from clintune.sharding import call_in_root_forward
 
@@ -152,19 +155,23 @@ def adapter_disabled(model: torch.nn.Module) -> Iterator[None]:
         yield
 
 
-class DPOModule(ComputeCounters, WarmupCosineAdamW, ShardableModel, L.LightningModule):
-    """Batches hold chosen rows then rejected rows (``tokenization.collate_pairs``) and, for
-    ``reference=precompute``, ``ref_chosen_logps``/``ref_rejected_logps``."""
+class PreferenceModule(ComputeCounters, WarmupCosineAdamW, ShardableModel, L.LightningModule):
+    """What every preference method's module shares: batches of pairs (chosen rows then
+    rejected rows, ``tokenization.collate_pairs`` or the shared-prompt layout), one forward
+    pass over both, the reference log-probs (``precompute``: in the batch; ``adapter_disabled``;
+    ``copy``; None: reference-free), token accounting, the NaN guard and logging under TRL's
+    names. A method implements ``losses_and_metrics`` (per-example ``losses`` and what it
+    logs) and, where TRL logs something else than DPO's set, ``logged_values``."""
+
+    #: how the method's losses are named in the NaN message
+    METHOD = "preference"
 
     def __init__(
         self,
         model: torch.nn.Module,
         *,
         learning_rate: float,
-        beta: float = 0.1,
-        loss_type: str = "sigmoid",
-        label_smoothing: float = 0.0,
-        reference: str = "precompute",
+        reference: str | None = None,
         reference_model: torch.nn.Module | None = None,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.1,
@@ -172,9 +179,7 @@ class DPOModule(ComputeCounters, WarmupCosineAdamW, ShardableModel, L.LightningM
         logits_chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
         super().__init__()
-        if loss_type not in DPO_LOSS_TYPES:
-            raise ValueError(f"method.module.loss_type must be one of {DPO_LOSS_TYPES}")
-        if reference not in REFERENCE_MODES:
+        if reference is not None and reference not in REFERENCE_MODES:
             raise ValueError(
                 f"method.reference must be one of {REFERENCE_MODES}, got {reference!r}"
             )
@@ -186,9 +191,6 @@ class DPOModule(ComputeCounters, WarmupCosineAdamW, ShardableModel, L.LightningM
         self._reference_model = (
             [reference_model.eval().requires_grad_(False)] if reference_model else []
         )
-        self.beta = float(beta)
-        self.loss_type = loss_type
-        self.label_smoothing = float(label_smoothing)
         self.learning_rate = float(learning_rate)
         self.weight_decay = float(weight_decay)
         self.warmup_ratio = float(warmup_ratio)
@@ -204,6 +206,8 @@ class DPOModule(ComputeCounters, WarmupCosineAdamW, ShardableModel, L.LightningM
             reference.to(self.device)
 
     def _reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.reference is None:
+            raise ValueError(f"{type(self).__name__} is reference-free")
         if self.reference == "precompute":
             return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         with torch.no_grad():
@@ -216,41 +220,50 @@ class DPOModule(ComputeCounters, WarmupCosineAdamW, ShardableModel, L.LightningM
             self.reference_tokens += out.tokens
         return out.logps.chunk(2)
 
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` summed over data-parallel ranks (every rank must call this alike)."""
+        if self._world_size() > 1:
+            return self.trainer.strategy.reduce(value, reduce_op="sum")
+        return value
+
+    def nll_num_tokens(self, chosen_lengths: torch.Tensor) -> torch.Tensor:
+        """Denominator of a chosen-NLL term: this batch's chosen tokens, or in training under
+        data parallelism the global batch's divided by the world size, as SFT normalises."""
+        tokens = chosen_lengths.sum().to(torch.float64)
+        world = self._world_size()
+        if self.training and world > 1:
+            tokens = self._sum_over_ranks(tokens) / world
+        return tokens
+
+    def losses_and_metrics(
+        self, out: PairForward, batch: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
     def pair_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per-pair losses and everything TRL logs about them."""
+        """Per-example losses and everything TRL logs about them."""
         out = pair_forward(self.model, batch, self.logits_chunk_size)
         self._last_tokens = out.tokens
-        chosen_logps, rejected_logps = out.logps.chunk(2)
-        chosen_lengths, rejected_lengths = out.lengths.chunk(2)
-        ref_chosen, ref_rejected = self._reference_logps(batch)
-        losses, chosen_rewards, rejected_rewards = dpo_loss(
-            chosen_logps,
-            rejected_logps,
-            ref_chosen.to(chosen_logps.dtype),
-            ref_rejected.to(rejected_logps.dtype),
-            beta=self.beta,
-            loss_type=self.loss_type,
-            label_smoothing=self.label_smoothing,
-            chosen_lengths=chosen_lengths,
-            rejected_lengths=rejected_lengths,
-        )
+        metrics = self.losses_and_metrics(out, batch)
         chosen_logit_sums, rejected_logit_sums = out.logit_sums.chunk(2)
-        return {
-            "losses": losses,
-            "rewards/chosen": chosen_rewards,
-            "rewards/rejected": rejected_rewards,
-            "logps/chosen": chosen_logps.detach(),
-            "logps/rejected": rejected_logps.detach(),
-            # Token-weighted over the batch, as TRL computes them.
-            "logits/chosen": chosen_logit_sums.sum() / chosen_lengths.sum().clamp(min=1),
-            "logits/rejected": rejected_logit_sums.sum() / rejected_lengths.sum().clamp(min=1),
-        }
+        chosen_lengths, rejected_lengths = out.lengths.chunk(2)
+        # Token-weighted over the batch, as TRL computes them.
+        metrics.setdefault(
+            "logits/chosen", chosen_logit_sums.sum() / chosen_lengths.sum().clamp(min=1)
+        )
+        metrics.setdefault(
+            "logits/rejected", rejected_logit_sums.sum() / rejected_lengths.sum().clamp(min=1)
+        )
+        return metrics
 
-    def _log_pairs(self, prefix: str, out: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+    def logged_values(self, out: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, int]]:
+        """(value, examples it averages) per metric name: TRL's paired-preference set."""
         pairs = out["losses"].size(0)
         chosen, rejected = out["rewards/chosen"], out["rewards/rejected"]
         values = {
-            "loss": loss,
             "rewards/chosen": chosen.mean(),
             "rewards/rejected": rejected.mean(),
             "rewards/accuracies": (chosen > rejected).float().mean(),
@@ -260,14 +273,25 @@ class DPOModule(ComputeCounters, WarmupCosineAdamW, ShardableModel, L.LightningM
             "logits/chosen": out["logits/chosen"],
             "logits/rejected": out["logits/rejected"],
         }
-        for name, value in values.items():
+        values.update({name: out[name] for name in self.EXTRA_METRICS})
+        return {name: (value, pairs) for name, value in values.items()}
+
+    #: scalar metrics a method adds to the paired set (e.g. ORPO's ``nll_loss``)
+    EXTRA_METRICS: tuple[str, ...] = ()
+    #: logged values averaged over ranks by Lightning (else ``logged_values`` did it already)
+    SYNC_LOGGED = True
+
+    def _log(self, prefix: str, out: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+        examples = out["losses"].size(0)
+        # The loss averaged over ranks, as TRL gathers it: the global batch's value.
+        self.log(f"{prefix}/loss", loss, batch_size=examples, sync_dist=True, prog_bar=True)
+        for name, (value, count) in self.logged_values(out).items():
             self.log(
                 f"{prefix}/{name}",
                 value,
-                batch_size=pairs,
-                # Averaged over ranks, as TRL gathers them: the global batch's values.
-                sync_dist=True,
-                prog_bar=name in ("loss", "rewards/accuracies"),
+                batch_size=max(int(count), 1),
+                sync_dist=self.SYNC_LOGGED,
+                prog_bar=name == "rewards/accuracies",
             )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -275,9 +299,9 @@ class DPOModule(ComputeCounters, WarmupCosineAdamW, ShardableModel, L.LightningM
         loss = out["losses"].mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"DPO loss is {loss.item()} at global step {self.global_step} (batch {batch_idx});"
-                " stopping with the last good checkpoint intact. Lower method.module.learning_rate"
-                " or beta, or check the precision setting."
+                f"{self.METHOD} loss is {loss.item()} at global step {self.global_step} (batch "
+                f"{batch_idx}); stopping with the last good checkpoint intact. Lower "
+                "method.module.learning_rate or beta, or check the precision setting."
             )
         masks = [
             v for k, v in batch.items() if k in ("attention_mask", "prompt_mask", "completion_mask")
@@ -285,12 +309,83 @@ class DPOModule(ComputeCounters, WarmupCosineAdamW, ShardableModel, L.LightningM
         real = sum(int(m.sum()) for m in masks)
         self.tokens_trained += real
         self.padding_tokens_trained += sum(m.numel() for m in masks) - real
-        self._log_pairs("train", out, loss)
+        self._log("train", out, loss)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self.pair_losses(batch)
-        self._log_pairs("eval", out, out["losses"].mean())
+        self._log("eval", out, out["losses"].mean())
+
+
+class DPOModule(PreferenceModule):
+    """DPO, and RPO when ``nll_alpha`` > 0. Batches hold, for ``reference=precompute``,
+    ``ref_chosen_logps``/``ref_rejected_logps``."""
+
+    METHOD = "DPO"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        learning_rate: float,
+        beta: float = 0.1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        nll_alpha: float = 0.0,
+        reference: str = "precompute",
+        **kwargs: Any,
+    ) -> None:
+        if loss_type not in DPO_LOSS_TYPES:
+            raise ValueError(f"method.module.loss_type must be one of {DPO_LOSS_TYPES}")
+        if reference is None:
+            raise ValueError(f"method.reference must be one of {REFERENCE_MODES}, got None")
+        super().__init__(model, learning_rate=learning_rate, reference=reference, **kwargs)
+        self.beta = float(beta)
+        self.loss_type = loss_type
+        self.label_smoothing = float(label_smoothing)
+        self.nll_alpha = float(nll_alpha)
+        if self.nll_alpha > 0:
+            self.METHOD = "RPO"
+            self.EXTRA_METRICS = ("nll_loss",)
+
+    def losses_and_metrics(
+        self, out: PairForward, batch: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        chosen_logps, rejected_logps = out.logps.chunk(2)
+        chosen_lengths, rejected_lengths = out.lengths.chunk(2)
+        ref_chosen, ref_rejected = self._reference_logps(batch)
+        common = {
+            "beta": self.beta,
+            "loss_type": self.loss_type,
+            "label_smoothing": self.label_smoothing,
+            "chosen_lengths": chosen_lengths,
+            "rejected_lengths": rejected_lengths,
+        }
+        reference = (ref_chosen.to(chosen_logps.dtype), ref_rejected.to(rejected_logps.dtype))
+        metrics: dict[str, torch.Tensor] = {}
+        if self.nll_alpha > 0:
+            nll_tokens = self.nll_num_tokens(chosen_lengths)
+            losses, chosen_rewards, rejected_rewards = rpo_loss(
+                chosen_logps,
+                rejected_logps,
+                *reference,
+                nll_alpha=self.nll_alpha,
+                nll_num_tokens=nll_tokens,
+                **common,
+            )
+            metrics["nll_loss"] = -chosen_logps.detach().sum() / nll_tokens
+        else:
+            losses, chosen_rewards, rejected_rewards = dpo_loss(
+                chosen_logps, rejected_logps, *reference, **common
+            )
+        return {
+            "losses": losses,
+            "rewards/chosen": chosen_rewards,
+            "rewards/rejected": rejected_rewards,
+            "logps/chosen": chosen_logps.detach(),
+            "logps/rejected": rejected_logps.detach(),
+            **metrics,
+        }
 
 
 @torch.no_grad()

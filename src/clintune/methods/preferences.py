@@ -6,6 +6,9 @@ Sources, in the order ``auto`` tries them per example:
    reproducibly per example;
 3. ``on_policy``: the policy's own sampled outputs that the task's metric scores as wrong,
    up to a cap per example, falling back to ``label`` where every sample was right.
+
+KTO's unpaired examples (thumbs-up/down on one answer) come from records with a
+``completion`` and a desirable/undesirable label, or are derived from these pairs.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from clintune.errors import UserError
 from clintune.tasks.base import Task
 
 SOURCES = ("auto", "data", "label", "on_policy")
@@ -115,3 +119,127 @@ def build_pairs(
             counts["pairs/examples_without_pair"] += 1
     counts["pairs/total"] = len(pairs)
     return pairs, dict(counts)
+
+
+# --------------------------------------------------------------------------- KTO: unpaired
+
+UNPAIRED_SOURCES = ("auto", "data", "pairs")
+FEEDBACK = {"desirable": True, "undesirable": False}
+#: the field holding the drafted answer that a record's feedback label judges
+COMPLETION_FIELD = "completion"
+
+
+@dataclass(frozen=True)
+class UnpairedExample:
+    """One thumbs-up or thumbs-down: a completion for a prompt, and whether it is wanted."""
+
+    example_id: str
+    messages: list[dict[str, str]]
+    completion: str
+    desirable: bool
+    source: str  # "data" (the record's own feedback) or "pairs" (a side of a pair)
+
+
+class FeedbackError(UserError, ValueError):
+    """A record's feedback fields are inconsistent (named by example id and field)."""
+
+
+def feedback_of(example: dict[str, Any], label_field: str) -> tuple[str, bool] | None:
+    """(completion, desirable) when the record carries feedback, else None. A record has
+    feedback when it has a ``completion``; its ``label_field`` must then say desirable or
+    undesirable (and a desirable/undesirable label needs a completion to judge)."""
+    completion = example.get(COMPLETION_FIELD)
+    label = example.get(label_field)
+    if completion is None:
+        if isinstance(label, str) and label in FEEDBACK:
+            raise FeedbackError(
+                f"example {example.get('id')!r}: field '{label_field}' is {label!r} but there is "
+                f"no '{COMPLETION_FIELD}' field holding the answer it judges"
+            )
+        return None
+    if not isinstance(completion, str) or not completion.strip():
+        raise FeedbackError(
+            f"example {example.get('id')!r}: field '{COMPLETION_FIELD}' must be non-empty text, "
+            f"got {completion!r:.60}"
+        )
+    if label not in FEEDBACK:
+        raise FeedbackError(
+            f"example {example.get('id')!r}: field '{label_field}' must be 'desirable' or "
+            f"'undesirable' for a record with a '{COMPLETION_FIELD}', got {label!r:.60}"
+        )
+    return completion, FEEDBACK[label]
+
+
+def split_by_feedback(
+    task: Task, examples: list[dict[str, Any]], *, source: str, label_field: str
+) -> tuple[list[UnpairedExample], list[dict[str, Any]]]:
+    """The unpaired examples the records give themselves, and the records left to derive
+    unpaired examples from pairs (none for ``source=data``, all for ``source=pairs``)."""
+    if source not in UNPAIRED_SOURCES:
+        raise ValueError(
+            f"method.unpaired.source must be one of {UNPAIRED_SOURCES}, got {source!r}"
+        )
+    own: list[UnpairedExample] = []
+    rest: list[dict[str, Any]] = []
+    for example in examples:
+        feedback = feedback_of(example, label_field) if source != "pairs" else None
+        if feedback is not None:
+            completion, desirable = feedback
+            messages = task.messages(example)
+            own.append(UnpairedExample(example["id"], messages, completion, desirable, "data"))
+        elif source != "data":
+            rest.append(example)
+    return own, rest
+
+
+def unpaired_from_pairs(pairs: list[PreferencePair]) -> list[UnpairedExample]:
+    """Each pair's chosen answer as desirable and its rejected one as undesirable (TRL's
+    ``unpair_preference_dataset``); a chosen answer repeated over pairs is kept once."""
+    unpaired: list[UnpairedExample] = []
+    seen: set[tuple[str, str]] = set()
+    for pair in pairs:
+        for text, desirable in ((pair.chosen, True), (pair.rejected, False)):
+            if (pair.example_id, text) in seen:
+                continue
+            seen.add((pair.example_id, text))
+            unpaired.append(
+                UnpairedExample(pair.example_id, pair.messages, text, desirable, "pairs")
+            )
+    return unpaired
+
+
+def unpaired_counts(unpaired: list[UnpairedExample]) -> dict[str, int]:
+    """How many examples are desirable, undesirable, and where they came from."""
+    counts: Counter[str] = Counter()
+    for example in unpaired:
+        counts["unpaired/desirable" if example.desirable else "unpaired/undesirable"] += 1
+        counts[f"unpaired/from_{example.source}"] += 1
+    counts["unpaired/total"] = len(unpaired)
+    return dict(counts)
+
+
+def mismatched_completions(unpaired: list[UnpairedExample], seed: int) -> list[str]:
+    """For each example, a completion written for another prompt: KTO's mismatched pairs
+    (x_i, y_j), whose log-ratio to the reference estimates the KL reference point.
+
+    TRL rotates completions by one within each batch of a sequentially read data set. Batches
+    here are shuffled, so the rotation runs once over a seeded order of all examples, and
+    skips completions of the same example (derived pairs put two completions of one prompt
+    side by side)."""
+    ids = {example.example_id for example in unpaired}
+    if len(ids) < 2:
+        raise ValueError(
+            f"KTO's KL estimate needs examples of at least two different prompts, got {len(ids)}"
+        )
+    order = list(range(len(unpaired)))
+    random.Random(seed).shuffle(order)
+    mismatched = [""] * len(unpaired)
+    for position, index in enumerate(order):
+        step = 1
+        while True:
+            other = unpaired[order[(position - step) % len(order)]]
+            if other.example_id != unpaired[index].example_id:
+                mismatched[index] = other.completion
+                break
+            step += 1
+    return mismatched

@@ -12,14 +12,30 @@ from typing import Any
 
 from clintune.eval.metrics import MACRO_F1_RULE
 from clintune.io import write_atomic
-from clintune.report.table import Cell, ComputeRow, Report
+from clintune.report.table import (
+    Cell,
+    Comparison,
+    ComputeRow,
+    CostEffect,
+    Report,
+    answer_sentence,
+)
 
 CI_NOTE = {
     "t": "t-interval over seeds (scipy.stats.t, n − 1 df)",
     "bootstrap": "one seed: that run's percentile bootstrap CI over test examples (metrics.json)",
 }
 CI_MARK = {"t": "†", "bootstrap": "‡"}
-METHOD_COLORS = {"base": "#9e9e9e", "sft": "#1f77b4", "dpo": "#d62728", "dpo_only": "#ff7f0e"}
+METHOD_COLORS = {
+    "base": "#9e9e9e",
+    "sft": "#1f77b4",
+    "dpo": "#d62728",
+    "dpo_only": "#ff7f0e",
+    "rpo": "#8c564b",
+    "orpo": "#2ca02c",
+    "simpo": "#9467bd",
+    "kto": "#17becf",
+}
 
 
 # --------------------------------------------------------------------------- formatting
@@ -158,6 +174,88 @@ def compute_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _gain_text(comparison: Comparison | None) -> str:
+    if comparison is None:
+        return ""
+    if comparison.status != "ok" or comparison.effect is None:
+        return f"— ({comparison.status})"
+    text = f"{comparison.effect:+.3f}"
+    if comparison.ci_low is not None and comparison.ci_high is not None:
+        text += f" [{comparison.ci_low:+.3f}, {comparison.ci_high:+.3f}]"
+    return text
+
+
+def _headline_text(row: CostEffect) -> str:
+    if row.mean is None:
+        return "—"
+    text = fmt_value(row.mean)
+    if row.ci_low is not None and row.ci_high is not None:
+        text += f" [{fmt_value(row.ci_low)}, {fmt_value(row.ci_high)}]"
+    return text
+
+
+def _p_of(comparison: Comparison | None) -> str:
+    return fmt_p(comparison.p_adjusted) if comparison is not None else ""
+
+
+def cost_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    p_name = "P (Holm)" if report.correction == "holm" else "P"
+    header = [
+        "task",
+        "model",
+        "method",
+        "headline [95% CI]",
+        "gain vs SFT [95% CI]",
+        f"{p_name} vs SFT",
+        "gain vs base [95% CI]",
+        f"{p_name} vs base",
+        "train FLOPs",
+        "FLOPs vs SFT",
+        "extra FLOPs",
+        "train s",
+        "time vs SFT",
+        "GPU-h",
+        "Pareto",
+    ]
+    rows = [
+        [
+            r.task,
+            r.model,
+            r.method,
+            f"{r.metric}: {_headline_text(r)}",
+            _gain_text(r.vs_sft),
+            _p_of(r.vs_sft),
+            _gain_text(r.vs_base),
+            _p_of(r.vs_base),
+            fmt_big(r.flops),
+            fmt_ratio(r.flops_vs_sft),
+            fmt_big(r.extra_flops),
+            fmt_big(r.seconds),
+            fmt_ratio(r.seconds_vs_sft),
+            "0" if r.method == "base" and r.gpu_hours == 0 else _gpu_hours_text(r.gpu_hours),
+            "yes" if r.pareto else "",
+        ]
+        for r in report.cost_effect
+    ]
+    return header, rows
+
+
+def _gpu_hours_text(value: float | None) -> str:
+    if value is None:
+        return ""
+    return "— (CPU)" if value == 0 else f"{value:.3g}"
+
+
+COST_NOTE = (
+    "Gains are the treatment's headline metric minus the control's on the same test examples "
+    "(seeds pooled), with a paired percentile-bootstrap 95% CI over examples and the paired "
+    "test's P, corrected with the rest of the report. Compute is training only (SFT stage "
+    "included where the method has one; base trains nothing), FLOPs estimated as in "
+    "docs/methods.md; GPU-hours = stage seconds × GPUs, shown where a GPU was used. Pareto: "
+    "no other method of that task and model reaches as high a headline metric for as few FLOPs."
+)
+
+
 def _footnotes(report: Report) -> list[str]:
     kinds = sorted({c.ci_kind for c in report.cells if c.ci_kind})
     notes = [f"{CI_MARK[k]} 95% CI: {CI_NOTE[k]}." for k in kinds]
@@ -212,17 +310,29 @@ def comparison_markdown(report: Report) -> str:
     return _md_table(header, rows) + "\n\n" + "\n".join(f"{n}  " for n in _footnotes(report))
 
 
+def cost_figure_name(task: str) -> str:
+    """The cost plot's file beside report.md (task names are config names: safe in a path)."""
+    return f"cost_{task}.png"
+
+
 def to_markdown(report: Report, n_runs: dict[str, int]) -> str:
-    out = ["# clintune report", "", summary_line(report, n_runs), ""]
+    out = ["# clintune report", "", f"**{answer_sentence(report)}**", ""]
+    out += [summary_line(report, n_runs), ""]
     out += ["## Comparison", "", comparison_markdown(report), ""]
     partial = _partial_gaps(report)
     if partial:
         out += ["Seeds left out of a mean:", "", *(f"- {_md_escape(p)}" for p in partial), ""]
     out += ["## Significance", "", _md_table(*significance_rows(report)), ""]
+    if report.cost_effect:
+        out += ["## Cost-effectiveness", "", _md_table(*cost_rows(report)), ""]
+        out += [COST_NOTE, ""]
+        for task in dict.fromkeys(r.task for r in report.cost_effect):
+            out += [f"![{task}: metric against FLOPs]({cost_figure_name(task)})", ""]
     out += ["## Compute", "", _md_table(*compute_rows(report)), ""]
     out += [
-        "FLOPs vs SFT and time vs SFT: DPO's total (its SFT stage included) over the sft "
-        "runs'; DPO stage: the preference stage alone over SFT.",
+        "FLOPs vs SFT and time vs SFT: a preference method's total (its SFT stage included) "
+        "over the sft runs'; DPO stage: its preference stage alone (DPO, ORPO, SimPO, KTO) "
+        "over SFT.",
         "",
     ]
     if report.warnings:
@@ -300,6 +410,61 @@ def compute_csv(report: Report) -> str:
         values[fields.index("seeds")] = " ".join(str(s) for s in row.seeds)
         rows.append(values)
     return _csv(fields, rows)
+
+
+def _comparison_fields(comparison: Comparison | None) -> list[Any]:
+    if comparison is None:
+        return ["", None, None, None, None, None, ""]
+    return [
+        comparison.status,
+        comparison.effect,
+        comparison.ci_low,
+        comparison.ci_high,
+        comparison.p_value,
+        comparison.p_adjusted,
+        comparison.test,
+    ]
+
+
+def cost_csv(report: Report) -> str:
+    header = ["task", "model", "method", "metric", "mean", "ci_low", "ci_high"]
+    for control in ("sft", "base"):
+        header += [
+            f"status_vs_{control}",
+            f"gain_vs_{control}",
+            f"gain_vs_{control}_ci_low",
+            f"gain_vs_{control}_ci_high",
+            f"p_vs_{control}",
+            f"p_adjusted_vs_{control}",
+            f"test_vs_{control}",
+        ]
+    header += ["flops", "train_seconds", "gpu_hours", "flops_vs_sft", "seconds_vs_sft"]
+    header += ["extra_flops", "extra_seconds", "extra_gpu_hours", "pareto", "correction"]
+    rows = [
+        [
+            r.task,
+            r.model,
+            r.method,
+            r.metric,
+            r.mean,
+            r.ci_low,
+            r.ci_high,
+            *_comparison_fields(r.vs_sft),
+            *_comparison_fields(r.vs_base),
+            r.flops,
+            r.seconds,
+            r.gpu_hours,
+            r.flops_vs_sft,
+            r.seconds_vs_sft,
+            r.extra_flops,
+            r.extra_seconds,
+            r.extra_gpu_hours,
+            int(r.pareto),
+            report.correction,
+        ]
+        for r in report.cost_effect
+    ]
+    return _csv(header, rows)
 
 
 # --------------------------------------------------------------------------- plots
@@ -395,6 +560,88 @@ def task_figure_png(report: Report, task: str) -> bytes:
     return buffer.getvalue()
 
 
+def cost_figure_png(report: Report, task: str) -> bytes:
+    """Headline metric against training FLOPs, one panel per model: each method a point with
+    its 95% CI whisker, the Pareto front joined and ringed; methods without a point named."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report.cost_effect if r.task == task]
+    models = [m for m in report.models if any(r.model == m for r in rows)]
+    fig, axes = plt.subplots(
+        1,
+        max(1, len(models)),
+        figsize=(max(5.0 * len(models), 6.0), 4.2),
+        squeeze=False,
+        dpi=96,
+        layout="constrained",
+    )
+    metric = rows[0].metric if rows else ""
+    for ax, model in zip(axes.flat, models, strict=False):
+        placed = [
+            r for r in rows if r.model == model and r.mean is not None and r.flops is not None
+        ]
+        missing = [r.method for r in rows if r.model == model and r not in placed]
+        for position, row in enumerate(placed):
+            assert row.mean is not None and row.flops is not None
+            low = row.ci_low if row.ci_low is not None else row.mean
+            high = row.ci_high if row.ci_high is not None else row.mean
+            color = METHOD_COLORS.get(row.method, f"C{position}")
+            ax.errorbar(
+                [row.flops],
+                [row.mean],
+                yerr=[[max(0.0, row.mean - low)], [max(0.0, high - row.mean)]],
+                fmt="o",
+                color=color,
+                ecolor=color,
+                capsize=4,
+                markersize=7,
+                label=row.method,
+            )
+            ax.annotate(
+                row.method, (row.flops, row.mean), textcoords="offset points", xytext=(6, 4),
+                fontsize=8,
+            )  # fmt: skip
+        front = sorted((r for r in placed if r.pareto), key=lambda r: r.flops or 0.0)
+        if front:
+            ax.plot(
+                [r.flops for r in front],
+                [r.mean for r in front],
+                linestyle="--",
+                color="black",
+                linewidth=1,
+                drawstyle="steps-post",
+                label="Pareto front",
+            )
+            ax.scatter(
+                [r.flops for r in front],
+                [r.mean for r in front],
+                s=180,
+                facecolors="none",
+                edgecolors="black",
+                linewidths=1.2,
+            )
+        if missing:
+            ax.text(
+                0.01, 0.01, "no point: " + ", ".join(missing), transform=ax.transAxes,
+                fontsize=8, color="#b00020", va="bottom",
+            )  # fmt: skip
+        ax.set_title(model, fontsize=10)
+        ax.set_xlabel("training FLOPs (estimate; base = 0)")
+        ax.set_ylabel(f"{metric} (mean, 95% CI)")
+        ax.grid(alpha=0.3)
+        if placed:
+            ax.legend(fontsize=8, frameon=False, loc="best")
+    fig.suptitle(f"{task}: headline metric against training compute", fontsize=11, x=0.01,
+                 ha="left")  # fmt: skip
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 # --------------------------------------------------------------------------- HTML
 
 CSS = """
@@ -440,7 +687,20 @@ def _html_table(
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def to_html(report: Report, n_runs: dict[str, int], figures: dict[str, bytes]) -> str:
+def _figure_html(name: str, png: bytes, caption: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return (
+        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def to_html(
+    report: Report,
+    n_runs: dict[str, int],
+    figures: dict[str, bytes],
+    cost_figures: dict[str, bytes] | None = None,
+) -> str:
     header, rows = comparison_rows(report)
     classes = [
         ["", ""] + ["gap" if value.startswith("—") else "num" for value in row[2:]] for row in rows
@@ -459,6 +719,7 @@ def to_html(report: Report, n_runs: dict[str, int], figures: dict[str, bytes]) -
         IMAGES_SCRIPT,
         "</head><body>",
         "<h1>clintune report</h1>",
+        f'<p class="answer"><strong>{html.escape(answer_sentence(report))}</strong></p>',
         f"<p>{html.escape(summary_line(report, n_runs))}</p>",
         "<h2>Comparison</h2>",
         _html_table(header, rows, classes),
@@ -471,18 +732,27 @@ def to_html(report: Report, n_runs: dict[str, int], figures: dict[str, bytes]) -
         parts.append("</ul>")
     parts.append("<h2>Plots</h2>")
     for task, png in figures.items():
-        data = base64.b64encode(png).decode("ascii")
-        parts.append(
-            f'<figure><img alt="{html.escape(task)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{html.escape(task)}</figcaption></figure>"
-        )
+        parts.append(_figure_html(task, png, task))
+    if report.cost_effect:
+        parts += ['<h2 id="cost-effectiveness">Cost-effectiveness</h2>']
+        cost_header, cost_table = cost_rows(report)
+        cost_classes = [
+            ["", "", "", "num"]
+            + ["gap" if value.startswith("—") else "num" for value in row[4:-1]]
+            + ["sig" if row[-1] else ""]
+            for row in cost_table
+        ]
+        parts.append(_html_table(cost_header, cost_table, cost_classes))
+        parts.append(f'<p class="note">{html.escape(COST_NOTE)}</p>')
+        for task, png in (cost_figures or {}).items():
+            parts.append(_figure_html(f"{task} cost", png, f"{task}: metric against FLOPs"))
     parts += [
         "<h2>Significance</h2>",
         _html_table(sig_header, sig_rows, sig_classes),
         "<h2>Compute</h2>",
         _html_table(*compute_rows(report), None),
-        '<p class="note">FLOPs and time vs SFT: DPO total (its SFT stage included) over the '
-        "sft runs; DPO stage: the preference stage alone over SFT.</p>",
+        '<p class="note">FLOPs and time vs SFT: a preference method\'s total (its SFT stage '
+        "included) over the sft runs; DPO stage: its preference stage alone over SFT.</p>",
     ]
     if report.warnings:
         parts.append("<h2>Warnings</h2><ul>")
@@ -495,13 +765,17 @@ def to_html(report: Report, n_runs: dict[str, int], figures: dict[str, bytes]) -
 def write_report(report: Report, out_dir: Path, n_runs: dict[str, int]) -> dict[str, Path]:
     """Render everything in memory first, then write each file atomically."""
     figures = {task: task_figure_png(report, task) for task in report.tasks if report.metrics[task]}
-    contents = {
+    cost_tasks = dict.fromkeys(r.task for r in report.cost_effect)
+    cost_figures = {task: cost_figure_png(report, task) for task in cost_tasks}
+    contents: dict[str, str | bytes] = {
         "report.md": to_markdown(report, n_runs),
         "comparison.csv": comparison_csv(report),
         "significance.csv": significance_csv(report),
         "compute.csv": compute_csv(report),
-        "report.html": to_html(report, n_runs, figures),
+        "cost_effectiveness.csv": cost_csv(report),
+        "report.html": to_html(report, n_runs, figures, cost_figures),
     }
+    contents |= {cost_figure_name(task): png for task, png in cost_figures.items()}
     written = {}
     for name, text in contents.items():
         write_atomic(out_dir / name, text)

@@ -14,12 +14,20 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from clintune.eval.significance import NotPairedError, compare, holm, metric_test
+from clintune.eval.significance import (
+    NotPairedError,
+    compare,
+    difference_ci,
+    holm,
+    metric_test,
+)
 from clintune.report.collect import FINISHED, Collection, RunRecord
 
-METHOD_ORDER = ("base", "sft", "dpo", "dpo_only")
+METHOD_ORDER = ("base", "sft", "dpo", "dpo_only", "rpo", "orpo", "simpo", "kto")
 # control → treatment, as the study reads them: did DPO beat SFT, did SFT beat base, ...
 COMPARISONS = (("sft", "dpo"), ("base", "sft"), ("base", "dpo"))
+# Reference points of the cost-effectiveness answer, not methods whose gain is asked about.
+BASELINES = ("base", "sft")
 COUNT_METRICS = frozenset(
     {"n", "unparseable", "truncated_prompts", "likert_graded", "likert_missing", "n_correct"}
 )
@@ -80,6 +88,9 @@ class Comparison:
     p_value: float | None = None
     p_adjusted: float | None = None
     note: str = ""
+    # Paired bootstrap CI of the effect (headline metric only: the cost-effectiveness table).
+    ci_low: float | None = None
+    ci_high: float | None = None
 
     @property
     def label(self) -> str:
@@ -97,11 +108,39 @@ class ComputeRow:
     flops: float | None
     peak_memory_bytes: float | None
     sft_reused: int = 0  # seeds whose SFT stage came from the cache
-    flops_vs_sft: float | None = None  # DPO total (incl. its SFT stage) / SFT alone
+    # A preference method's total (incl. its SFT stage, if it has one) / SFT alone
+    flops_vs_sft: float | None = None
     seconds_vs_sft: float | None = None
-    dpo_stage_flops_vs_sft: float | None = None  # DPO stage alone / SFT alone
+    # Its preference stage alone / SFT alone (named for DPO, the first such method)
+    dpo_stage_flops_vs_sft: float | None = None
     dpo_stage_seconds_vs_sft: float | None = None
     note: str = ""
+    gpu_hours: float | None = None  # 0 on CPU; None for runs that predate the figure
+
+
+@dataclass
+class CostEffect:
+    """One method of one task × model in the cost-effectiveness answer: its headline metric,
+    its gains over SFT and over base (paired tests), and what it cost beyond SFT."""
+
+    task: str
+    model: str
+    method: str
+    metric: str
+    mean: float | None
+    ci_low: float | None
+    ci_high: float | None
+    flops: float | None
+    seconds: float | None
+    gpu_hours: float | None
+    vs_sft: Comparison | None = None
+    vs_base: Comparison | None = None
+    flops_vs_sft: float | None = None
+    seconds_vs_sft: float | None = None
+    extra_flops: float | None = None  # beyond SFT's
+    extra_seconds: float | None = None
+    extra_gpu_hours: float | None = None
+    pareto: bool = False  # no other method here is as good for less compute
 
 
 @dataclass
@@ -117,6 +156,7 @@ class Report:
     correction: str
     n_resamples: int
     warnings: list[str] = field(default_factory=list)
+    cost_effect: list[CostEffect] = field(default_factory=list)
 
     def cell(self, task: str, metric: str, model: str, method: str) -> Cell:
         for cell in self.cells:
@@ -300,6 +340,7 @@ def _compare(
     seeds: Sequence[int | None],
     predictions: _Predictions,
     n_resamples: int,
+    with_ci: bool = False,
 ) -> Comparison:
     result = Comparison(task, metric, model, control, treatment, status="not computed")
     spec = metric_test(metric)
@@ -357,7 +398,36 @@ def _compare(
     result.n, result.n_dropped = outcome.n, outcome.n_dropped
     result.statistic, result.effect = outcome.statistic, outcome.effect
     result.p_value = outcome.p_value
+    if with_ci:
+        try:
+            low, high = difference_ci(
+                metric,
+                a_rows,
+                b_rows,
+                labels_for=_labels_for([a for a, _ in pairs]),
+                n_resamples=n_resamples,
+                seed=0,
+                confidence=CONFIDENCE,
+            )
+        except ValueError as error:  # e.g. fewer examples than a resample needs
+            result.note = "; ".join(filter(None, [result.note, f"no CI: {error}"]))
+        else:
+            if math.isfinite(low) and math.isfinite(high):
+                result.ci_low, result.ci_high = low, high
     return result
+
+
+def comparisons_for(methods: Sequence[str]) -> list[tuple[str, str]]:
+    """control → treatment pairs to test: the study's (COMPARISONS), then every other method
+    against SFT and against base."""
+    pairs = [(c, t) for c, t in COMPARISONS if c in methods and t in methods]
+    for treatment in methods:
+        if treatment in BASELINES:
+            continue
+        for control in ("sft", "base"):
+            if control in methods and (control, treatment) not in pairs:
+                pairs.append((control, treatment))
+    return pairs
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -369,6 +439,20 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or not denominator:
         return None
     return numerator / denominator
+
+
+def _preference_stage(records: Sequence[RunRecord]) -> str | None:
+    """The stage a preference method trains after (or instead of) SFT: dpo, orpo, simpo,
+    kto, read from its compute figures."""
+    stages: list[str] = []
+    for record in records:
+        for key in record.metrics:
+            parts = key.split("/")
+            if len(parts) == 3 and parts[0] == "compute" and parts[2] == "flops_estimate":
+                stages.append(parts[1])
+    others = [stage for stage in dict.fromkeys(stages) if stage != "sft"]
+    return others[0] if others else None
+    return None
 
 
 def _compute_rows(
@@ -400,6 +484,7 @@ def _compute_rows(
                     tokens=figure("tokens"),
                     flops=figure("flops_estimate"),
                     peak_memory_bytes=figure("peak_memory_bytes"),
+                    gpu_hours=figure("gpu_hours"),
                     sft_reused=sum(r.metrics.get("compute/sft/reused") == 1.0 for r in done),
                 )
                 if not done:
@@ -411,26 +496,29 @@ def _compute_rows(
                     )
                 by_method[method] = row
                 rows.append(row)
-            for method in ("dpo", "dpo_only"):
-                if method not in by_method or not finished[method]:
+            for method in methods:
+                if method in BASELINES or not finished[method]:
                     continue
-                row, dpo_runs = by_method[method], finished[method]
+                row, method_runs = by_method[method], finished[method]
+                stage = _preference_stage(method_runs)
                 sft = by_method.get("sft")
                 sft_flops = sft.flops if sft else None
                 sft_seconds = sft.train_seconds if sft else None
                 source = "the sft runs"
                 if sft_flops is None:
-                    # No sft runs in the report: the DPO runs' own SFT stage is the same job.
+                    # No sft runs in the report: the method's own SFT stage is the same job.
                     sft_flops = _mean(
-                        [r.metrics.get("compute/sft/flops_estimate") for r in dpo_runs]
+                        [r.metrics.get("compute/sft/flops_estimate") for r in method_runs]
                     )
                     sft_seconds = _mean(
-                        [r.metrics.get("compute/sft/train_seconds") for r in dpo_runs]
+                        [r.metrics.get("compute/sft/train_seconds") for r in method_runs]
                     )
-                    source = "the DPO runs' own SFT stage"
-                stage_flops = _mean([r.metrics.get("compute/dpo/flops_estimate") for r in dpo_runs])
+                    source = f"the {method} runs' own SFT stage"
+                stage_flops = _mean(
+                    [r.metrics.get(f"compute/{stage}/flops_estimate") for r in method_runs]
+                )
                 stage_seconds = _mean(
-                    [r.metrics.get("compute/dpo/train_seconds") for r in dpo_runs]
+                    [r.metrics.get(f"compute/{stage}/train_seconds") for r in method_runs]
                 )
                 row.flops_vs_sft = _ratio(row.flops, sft_flops)
                 row.seconds_vs_sft = _ratio(row.train_seconds, sft_seconds)
@@ -485,9 +573,7 @@ def build_report(
             if metric_test(metric) is None:
                 continue
             for model in models:
-                for control, treatment in COMPARISONS:
-                    if control not in all_methods or treatment not in all_methods:
-                        continue
+                for control, treatment in comparisons_for(all_methods):
                     if progress:
                         print(
                             f"testing {task}/{metric}/{model}: {treatment} vs {control}",
@@ -504,6 +590,8 @@ def build_report(
                             seeds,
                             predictions,
                             n_resamples,
+                            # The cost-effectiveness answer quotes the headline's gains.
+                            with_ci=metric == metrics[task][0],
                         )
                     )
     computed = [c for c in comparisons if c.status == "ok" and c.p_value is not None]
@@ -511,7 +599,7 @@ def build_report(
     for position, comparison in enumerate(computed):
         comparison.p_adjusted = adjusted[position] if adjusted is not None else comparison.p_value
 
-    return Report(
+    report = Report(
         tasks=tasks,
         models=models,
         methods=all_methods,
@@ -524,3 +612,161 @@ def build_report(
         n_resamples=n_resamples,
         warnings=warnings,
     )
+    report.cost_effect = cost_effectiveness(report)
+    return report
+
+
+# --------------------------------------------------------------------------- cost-effectiveness
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
+    """For (cost, value) points, whether each is on the Pareto front: no other point costs
+    no more and is worth at least as much, being strictly better in one of the two."""
+    front = []
+    for cost, value in points:
+        dominated = any(
+            other_cost <= cost
+            and other_value >= value
+            and (other_cost, other_value) != (cost, value)
+            for other_cost, other_value in points
+        )
+        front.append(not dominated)
+    return front
+
+
+def cost_effectiveness(report: Report) -> list[CostEffect]:
+    """Per task × model, each method's headline metric, its paired gains over SFT and over
+    base, and its training compute beyond SFT's; the Pareto front of metric against FLOPs.
+    Base trains nothing, so its training compute is zero."""
+    rows: list[CostEffect] = []
+    for task in report.tasks:
+        if not report.metrics[task]:
+            continue
+        headline = report.metrics[task][0]
+        for model in report.models:
+            tested = {
+                (c.control, c.treatment): c
+                for c in report.comparisons
+                if (c.task, c.metric, c.model) == (task, headline, model)
+            }
+            compute = {r.method: r for r in report.compute if (r.task, r.model) == (task, model)}
+            group: list[CostEffect] = []
+            for method in report.methods:
+                cell = report.cell(task, headline, model, method)
+                figures = compute.get(method)
+                trained = figures is not None and bool(figures.seeds)
+                untrained = method == "base" and trained
+                row = CostEffect(
+                    task,
+                    model,
+                    method,
+                    headline,
+                    cell.mean,
+                    cell.ci_low,
+                    cell.ci_high,
+                    flops=0.0 if untrained else (figures.flops if figures else None),
+                    seconds=0.0 if untrained else (figures.train_seconds if figures else None),
+                    gpu_hours=0.0 if untrained else (figures.gpu_hours if figures else None),
+                    vs_sft=tested.get(("sft", method)),
+                    vs_base=tested.get(("base", method)),
+                )
+                ratio = 1.0 if method == "sft" else (figures.flops_vs_sft if figures else None)
+                if ratio and row.flops is not None:
+                    sft_flops = row.flops / ratio
+                    row.flops_vs_sft, row.extra_flops = ratio, row.flops - sft_flops
+                time_ratio = (
+                    1.0 if method == "sft" else (figures.seconds_vs_sft if figures else None)
+                )
+                if time_ratio and row.seconds is not None:
+                    sft_seconds = row.seconds / time_ratio
+                    row.seconds_vs_sft, row.extra_seconds = time_ratio, row.seconds - sft_seconds
+                group.append(row)
+            sft_row = next((r for r in group if r.method == "sft"), None)
+            sft_hours = sft_row.gpu_hours if sft_row else None
+            for row in group:
+                if sft_hours is not None and row.gpu_hours is not None and row.method != "base":
+                    row.extra_gpu_hours = row.gpu_hours - sft_hours
+            placed = [r for r in group if r.mean is not None and r.flops is not None]
+            for row, on_front in zip(
+                placed, pareto_front([(r.flops, r.mean) for r in placed]), strict=True
+            ):
+                row.pareto = on_front
+            rows += group
+    return rows
+
+
+METHOD_NAMES = {
+    "base": "the base model",
+    "sft": "SFT",
+    "dpo": "DPO",
+    "dpo_only": "DPO without SFT",
+    "rpo": "RPO",
+    "orpo": "ORPO",
+    "simpo": "SimPO",
+    "kto": "KTO",
+}
+SIGNIFICANCE = 0.05
+
+
+def method_name(method: str) -> str:
+    return METHOD_NAMES.get(method, method)
+
+
+def _p_text(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def _tested_gain(row: CostEffect) -> tuple[float, float] | None:
+    """(effect over SFT, corrected P) where the paired test against SFT ran."""
+    test = row.vs_sft
+    if test is None or test.status != "ok" or test.effect is None or test.p_adjusted is None:
+        return None
+    return test.effect, test.p_adjusted
+
+
+def answer_sentence(report: Report) -> str:
+    """The study's question answered in words for this sweep: per task (and model, when
+    there are several), which methods beat SFT on the headline metric, by how much, how
+    surely (paired P, corrected as the report says) and at what compute relative to SFT."""
+    clauses = []
+    for task in report.tasks:
+        for model in report.models:
+            rows = [r for r in report.cost_effect if (r.task, r.model) == (task, model)]
+            if not rows:
+                continue
+            where = task if len(report.models) == 1 else f"{task} ({model})"
+            metric = rows[0].metric
+            sft = next((r for r in rows if r.method == "sft"), None)
+            if sft is None or sft.mean is None:
+                clauses.append(f"on {where} there is no finished SFT run to compare with")
+                continue
+            tested = [(r, _tested_gain(r)) for r in rows if r.method not in BASELINES]
+            tested = [(r, gain) for r, gain in tested if gain is not None]
+            if not tested:
+                clauses.append(f"on {where} no method was tested against SFT")
+                continue
+            winners = sorted(
+                ((r, g) for r, g in tested if g[0] > 0 and g[1] < SIGNIFICANCE),
+                key=lambda item: -item[1][0],
+            )
+            if not winners:
+                clauses.append(f"on {where} no method beat SFT")
+                continue
+            gains = []
+            for position, (row, (effect, p_value)) in enumerate(winners):
+                gain = f"{effect:+.3g}"
+                what = f"{gain} {metric}" if position == 0 else gain
+                cost = (
+                    f" for {row.flops_vs_sft:.2g}× SFT's compute"
+                    if row.flops_vs_sft is not None
+                    else ""
+                )
+                verb = "gained " if position == 0 else ""
+                gains.append(
+                    f"{method_name(row.method)} {verb}{what} (P = {_p_text(p_value)}){cost}"
+                )
+            clauses.append(f"on {where}, " + ", ".join(gains))
+    if not clauses:
+        return "No task has a finished run to answer the question with."
+    text = "; ".join(clauses)
+    return text[0].upper() + text[1:] + "."

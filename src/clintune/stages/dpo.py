@@ -1,6 +1,8 @@
-"""The DPO stage: preference pairs (from the data, wrong labels or on-policy samples), the
-reference log-probs (precomputed and cached, the adapter switched off, or a frozen copy),
-then the DPO loss from the starting weights."""
+"""The preference stage of DPO, RPO, ORPO, SimPO and KTO: preference pairs (from the data,
+wrong labels or on-policy samples) or, for KTO, unpaired examples with their mismatched
+completions; the reference log-probs where the method has a reference (precomputed and
+cached, the adapter switched off, or a frozen copy); then the method's loss from the
+starting weights. One code path: the methods differ in their module and their items."""
 
 from __future__ import annotations
 
@@ -22,13 +24,21 @@ from clintune.eval.generation import generate_sampled
 from clintune.io import atomic_open, content_hash
 from clintune.methods.dpo import precompute_reference_logps
 from clintune.methods.logprobs import DEFAULT_CHUNK_SIZE
-from clintune.methods.preferences import build_pairs
+from clintune.methods.preferences import (
+    FeedbackError,
+    PreferencePair,
+    build_pairs,
+    mismatched_completions,
+    split_by_feedback,
+    unpaired_counts,
+    unpaired_from_pairs,
+)
 from clintune.models.loading import (
     load_for_training,
     read_checkpoint_manifest,
     uses_gradient_checkpointing,
 )
-from clintune.settings import DPOSettings
+from clintune.settings import KTOSettings, PreferenceSettings
 from clintune.stages.common import (
     StageContext,
     StageResult,
@@ -50,12 +60,13 @@ from clintune.tokenization import (
 
 
 def start_from_checkpoint(weights: Path) -> StageResult:
-    """A DPO start given as ``method.init_from``: keyed by its path and manifest."""
+    """A preference stage's start given as ``method.init_from``: keyed by its path and
+    manifest."""
     manifest = read_checkpoint_manifest(weights)
     return StageResult(weights, {}, content_hash([str(weights.resolve()), manifest], 64))
 
 
-def _sampler(model: Any, tokenizer: Any, ctx: StageContext, method: DPOSettings) -> Any:
+def _sampler(model: Any, tokenizer: Any, ctx: StageContext, method: PreferenceSettings) -> Any:
     task, eval_settings = ctx.task, ctx.settings.eval
 
     def sample(examples: list[dict[str, Any]], count: int) -> list[list[str]]:
@@ -85,11 +96,15 @@ def pair_collate(share_prompt: bool) -> Any:
 
 
 def collate_with_reference(
-    items: list[tuple[EncodedPair, float, float]], pad_token_id: int, share_prompt: bool
+    items: list[tuple[Any, ...]], pad_token_id: int, share_prompt: bool
 ) -> dict[str, torch.Tensor]:
+    """Items are (pair, reference chosen log-prob, reference rejected log-prob), and for KTO
+    whether the example is desirable (its "rejected" row is the mismatched completion)."""
     batch = pair_collate(share_prompt)([item[0] for item in items], pad_token_id)
     batch["ref_chosen_logps"] = torch.tensor([item[1] for item in items], dtype=torch.float32)
     batch["ref_rejected_logps"] = torch.tensor([item[2] for item in items], dtype=torch.float32)
+    if len(items[0]) > 3:
+        batch["desirable"] = torch.tensor([bool(item[3]) for item in items])
     return batch
 
 
@@ -129,42 +144,95 @@ def reference_logps_cached(
     return chosen, rejected, tokens, False
 
 
-def _build_encoded_pairs(
-    ctx: StageContext, method: DPOSettings, policy: Any, tokenizer: Any
-) -> tuple[dict[str, list[EncodedPair]], dict[str, float], int]:
-    """Encoded pairs per split, the pair counts by source, and how many were truncated."""
+def _pairs_for(
+    ctx: StageContext,
+    method: PreferenceSettings,
+    split: str,
+    examples: list[dict[str, Any]],
+    sampler: Any,
+) -> tuple[list[PreferencePair], dict[str, int]]:
     pairs_cfg = method.pairs
-    needs_sampler = pairs_cfg.source in ("on_policy", "auto")
+    pairs, counts = build_pairs(
+        ctx.task,
+        examples,
+        source=pairs_cfg.source,
+        seed=pairs_cfg.seed,
+        sampler=sampler,
+        samples_per_example=pairs_cfg.samples_per_example,
+        max_pairs_per_example=pairs_cfg.max_pairs_per_example,
+    )
+    if not pairs and examples:
+        raise UserError(
+            f"no preference pairs for the {split} split of task '{ctx.task.name}' from "
+            f"source '{pairs_cfg.source}' ({counts}); give a 'rejected' field or use on_policy"
+        )
+    return pairs, counts
+
+
+def _unpaired_for(
+    ctx: StageContext, method: KTOSettings, split: str, sampler: Any
+) -> tuple[list[PreferencePair], list[bool], dict[str, int]]:
+    """KTO's unpaired examples of a split, each as a pair (its completion, a mismatched
+    completion), with its desirability in ``desirable`` order; and the counts."""
+    try:
+        own, rest = split_by_feedback(
+            ctx.task,
+            ctx.splits[split],
+            source=method.unpaired.source,
+            label_field=method.unpaired.label_field,
+        )
+    except FeedbackError as error:
+        raise UserError(f"task '{ctx.task.name}', {split} split: {error}") from error
+    counts: dict[str, int] = {}
+    derived = []
+    if rest:
+        pairs, counts = _pairs_for(ctx, method, split, rest, sampler)
+        derived = unpaired_from_pairs(pairs)
+    unpaired = own + derived
+    counts.update(unpaired_counts(unpaired))
+    try:
+        mismatched = mismatched_completions(unpaired, method.pairs.seed)
+    except ValueError as error:
+        raise UserError(f"task '{ctx.task.name}', {split} split: {error}") from error
+    items = [
+        PreferencePair(u.example_id, u.messages, u.completion, other, u.source)
+        for u, other in zip(unpaired, mismatched, strict=True)
+    ]
+    for side in ("desirable", "undesirable"):  # recorded even when none
+        counts.setdefault(f"unpaired/{side}", 0)
+    return items, [u.desirable for u in unpaired], counts
+
+
+def _build_encoded(
+    ctx: StageContext, method: PreferenceSettings, policy: Any, tokenizer: Any
+) -> tuple[dict[str, list[EncodedPair]], dict[str, list[bool]], dict[str, float], int]:
+    """Encoded pairs per split (for KTO: each example with its mismatched completion), KTO's
+    desirable flags per split (empty otherwise), the counts by source, and how many were
+    truncated."""
+    needs_sampler = method.pairs.source in ("on_policy", "auto")
     sampler = _sampler(policy, tokenizer, ctx, method) if needs_sampler else None
     counts_by_split: dict[str, float] = {}
     encoded: dict[str, list[EncodedPair]] = {}
+    desirable: dict[str, list[bool]] = {}
     truncated = 0
     for split in ("train", "val"):
-        pairs, counts = build_pairs(
-            ctx.task,
-            ctx.splits[split],
-            source=pairs_cfg.source,
-            seed=pairs_cfg.seed,
-            sampler=sampler,
-            samples_per_example=pairs_cfg.samples_per_example,
-            max_pairs_per_example=pairs_cfg.max_pairs_per_example,
-        )
-        if not pairs:
-            raise UserError(
-                f"no preference pairs for the {split} split of task '{ctx.task.name}' from "
-                f"source '{pairs_cfg.source}' ({counts}); give a 'rejected' field or use on_policy"
-            )
+        if isinstance(method, KTOSettings):
+            pairs, desirable[split], counts = _unpaired_for(ctx, method, split, sampler)
+        else:
+            pairs, counts = _pairs_for(ctx, method, split, ctx.splits[split], sampler)
         counts_by_split.update({f"{key}/{split}": float(v) for key, v in counts.items()})
         encoded[split], cut = _encode_pairs(pairs, tokenizer, int(ctx.cfg.model.max_length))
         truncated += cut
-    return encoded, counts_by_split, truncated
+    return encoded, desirable, counts_by_split, truncated
 
 
-def run_dpo_stage(
-    ctx: StageContext, method: DPOSettings, init: StageResult | None, out_dir: Path
+def run_preference_stage(
+    ctx: StageContext, method: PreferenceSettings, init: StageResult | None, out_dir: Path
 ) -> StageResult:
-    """DPO from ``init`` (or the base model); its weights end up in ``out_dir``."""
-    cfg = ctx.cfg
+    """The method's preference stage from ``init`` (or the base model); its weights end up in
+    ``out_dir``. Its figures are keyed by the method's kind: ``compute/dpo/…`` (DPO, RPO),
+    ``compute/orpo/…``, ``compute/simpo/…``, ``compute/kto/…``."""
+    cfg, stage = ctx.cfg, method.kind
     gc.collect()
     init_weights = init.weights if init is not None else None
     loaded, lineage = load_for_training(cfg.model, cfg.paths.cache_dir, init_weights)
@@ -178,9 +246,10 @@ def run_dpo_stage(
         sharding and sharding.activation_checkpointing
     )
     share_prompt = method.share_prompt and not checkpointed
-    encoded, pair_counts, truncated = _build_encoded_pairs(ctx, method, policy, tokenizer)
+    encoded, desirable, pair_counts, truncated = _build_encoded(ctx, method, policy, tokenizer)
+    reference = method.reference_mode
     reference_model = None
-    if method.reference == "copy":
+    if reference == "copy":
         if hasattr(policy, "peft_config"):
             raise UserError(
                 "method.reference=copy with model.lora.enabled=true would copy the whole model "
@@ -191,7 +260,7 @@ def run_dpo_stage(
     items: dict[str, list[Any]] = {}
     cache_hits = 0
     for split in ("train", "val"):
-        if method.reference == "precompute":
+        if reference == "precompute":
             reference_key = content_hash(
                 {
                     "weights": init.key if init is not None else container(cfg.model),
@@ -211,11 +280,12 @@ def run_dpo_stage(
             )
             reference_tokens += tokens if split == "train" else 0
             cache_hits += int(hit)
-            items[split] = list(
-                zip(encoded[split], chosen.tolist(), rejected.tolist(), strict=True)
-            )
-        else:
-            items[split] = [(pair, 0.0, 0.0) for pair in encoded[split]]
+            columns = [encoded[split], chosen.tolist(), rejected.tolist()]
+        else:  # computed during training, or a reference-free method
+            columns = [encoded[split], [0.0] * len(encoded[split]), [0.0] * len(encoded[split])]
+        if desirable:
+            columns.append(desirable[split])
+        items[split] = list(zip(*columns, strict=True))
     key = content_hash(
         {
             "init": init.key if init is not None else None,
@@ -226,17 +296,14 @@ def run_dpo_stage(
                 split: content_hash([dataclasses.astuple(p) for p in encoded[split]], 64)
                 for split in encoded
             },
+            **({"desirable": desirable} if desirable else {}),
             "trainer": container(cfg.trainer),
             "seed": ctx.settings.seed,
         }
     )
-    work_dir = ctx.work_dir(f"dpo-{key}")
-    module = instantiate(
-        dataclasses.asdict(method.module),
-        model=policy,
-        reference=method.reference,
-        reference_model=reference_model,
-    )
+    work_dir = ctx.work_dir(f"{stage}-{key}")
+    references = {"reference": reference, "reference_model": reference_model} if reference else {}
+    module = instantiate(dataclasses.asdict(method.module), model=policy, **references)
     extra_dirs = {}
     if lineage.get("merged_adapter") and init_weights is not None:
         extra_dirs[lineage["merged_adapter"]] = init_weights
@@ -253,7 +320,7 @@ def run_dpo_stage(
     with stage_lock(work_dir):
         result = fit(
             ctx,
-            "dpo",
+            stage,
             method.train,
             module,
             (items["train"], items["val"]),
@@ -264,9 +331,10 @@ def run_dpo_stage(
             callbacks,
         )
         hand_over(work_dir / "model", out_dir, drop=work_dir)
+    # A reference-free method has none: its reference_tokens stay 0.
     reference_tokens += sum(distributed.gather_to_all(module.reference_tokens))
     metrics = stage_compute(
-        "dpo",
+        stage,
         result.seconds,
         module,
         policy,
@@ -275,9 +343,13 @@ def run_dpo_stage(
         tokens_per_second=result.tokens_per_second,
     )
     metrics.update(pair_counts)
-    metrics["compute/dpo/resumed"] = float(result.resumed)
-    metrics["compute/dpo/reference_cache_hits"] = float(cache_hits)
-    metrics["compute/dpo/shared_prompt"] = float(share_prompt)
+    metrics[f"compute/{stage}/resumed"] = float(result.resumed)
+    metrics[f"compute/{stage}/reference_cache_hits"] = float(cache_hits)
+    metrics[f"compute/{stage}/shared_prompt"] = float(share_prompt)
     metrics["data/pairs_truncated"] = float(truncated)
-    metrics[best_key("dpo", saver)] = saver.best_or_nan
+    metrics[best_key(stage, saver)] = saver.best_or_nan
     return StageResult(out_dir, metrics, "")
+
+
+#: the name callers used when DPO was the only preference method
+run_dpo_stage = run_preference_stage
