@@ -19,6 +19,8 @@ def pytest_configure(config: pytest.Config) -> None:
     """Under ``-n N`` each worker gets its share of the cores, and so do the train.py processes
     it starts (they inherit the environment): N workers each running torch on every core would
     spin on one another's cores and run slower than one worker alone."""
+    # No test may reach the network: a hub lookup fails at once instead of retrying for ~45 s.
+    os.environ["HF_HUB_OFFLINE"] = "1"
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         threads = str(max(1, (os.cpu_count() or 1) // workers))
