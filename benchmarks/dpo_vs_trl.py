@@ -59,14 +59,17 @@ def _peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def _matmul_params(model: Any) -> int:
-    """Parameters that take part in matrix products: all but the input embedding (a lookup).
-    Training costs about 6 FLOPs per such parameter per token, a forward pass 2."""
+def _matmul_params(model: Any) -> dict[str, int]:
+    """Parameters that take part in matrix products, split into the body (every layer) and the
+    LM head; the input embedding (a lookup) is left out."""
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     total = sum(p.numel() for p in model.parameters())
-    # A tied head is the embedding matrix: count it once, as the head.
-    return total - embedding.numel() + (head.numel() if head is embedding else 0)
+    untied_head = 0 if head is embedding else head.numel()
+    return {
+        "body_params": total - embedding.numel() - untied_head,
+        "head_params": head.numel(),
+    }
 
 
 def measure_matmul_gflops(threads: int, size: int = 2048, seconds: float = 3.0) -> float:
@@ -179,6 +182,9 @@ def _token_counts(
     """Tokens the forward passes see per epoch (real, and with padding), batches taken in
     order as both loaders do here. ``shared_prompt``: each prompt once, then both answers."""
     real = padded = 0
+    scored = sum(
+        len(e.completion_ids) if sft else len(e.chosen_ids) + len(e.rejected_ids) for e in encoded
+    )
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start : start + batch_size]
         if sft:
@@ -195,7 +201,7 @@ def _token_counts(
             rows += [len(p.prompt_ids) + len(p.rejected_ids) for p in batch]
             real += sum(rows)
             padded += max(rows) * len(rows)
-    return {"tokens": real, "padded_tokens": padded}
+    return {"tokens": real, "padded_tokens": padded, "scored_tokens": scored}
 
 
 def _timing(timer: Any, warmup: int) -> dict[str, float]:
@@ -282,7 +288,7 @@ def _run_ours(args: argparse.Namespace, method: str, result: dict[str, Any]) -> 
     L.seed_everything(args.seed, verbose=False)
     setup = _setup(args)
     result["rss_loaded_mb"] = _peak_rss_mb()
-    result["matmul_params"] = _matmul_params(setup["model"])
+    result.update(_matmul_params(setup["model"]))
     cfg, model, tokenizer = setup["cfg"], setup["model"], setup["tokenizer"]
     pad_id = tokenizer.pad_token_id
     sft = method == "sft"
@@ -441,7 +447,7 @@ def _run_trl(args: argparse.Namespace, method: str, result: dict[str, Any]) -> N
 
     setup = _setup(args)
     result["rss_loaded_mb"] = _peak_rss_mb()
-    result["matmul_params"] = _matmul_params(setup["model"])
+    result.update(_matmul_params(setup["model"]))
     cfg, model, tokenizer = setup["cfg"], setup["model"], setup["tokenizer"]
     sft = method == "sft"
     ours = _our_encodings(setup, args.max_length, sft)
@@ -635,13 +641,15 @@ def _median(runs: list[dict[str, Any]], key: str) -> float:
 
 
 def model_gflops_per_step(row: dict[str, Any], method: str, batch_size: int, pairs: int) -> float:
-    """Model FLOPs of one training step, the way MFU counts them: 6 per matmul parameter per
-    token the step's forward passes see (padding excluded), plus 2 per token for a reference
-    model's forward pass (``dpo-copy``). Each implementation is credited its own tokens."""
+    """Useful model FLOPs of one training step, the way MFU counts them: 6 per body parameter
+    per token the step's forward passes see (padding excluded; each implementation is credited
+    its own tokens), and 6 per LM-head parameter per scored token (the head's work the loss
+    needs, whether or not an implementation also runs it elsewhere); 8 instead of 6 with a
+    reference model's forward pass (``dpo-copy``)."""
     batches_per_epoch = -(-pairs // batch_size)
-    tokens_per_step = row["tokens"] / batches_per_epoch
-    per_token = 6 + (2 if method == "dpo-copy" else 0)
-    return per_token * row["matmul_params"] * tokens_per_step / 1e9
+    per_param = 6 + (2 if method == "dpo-copy" else 0)
+    flops = row["body_params"] * row["tokens"] + row["head_params"] * row["scored_tokens"]
+    return per_param * flops / batches_per_epoch / 1e9
 
 
 def summarise(
@@ -680,9 +688,10 @@ def summarise(
                 "share_prompt": runs[0].get("share_prompt"),
                 "repeats": len(runs),
             }
-            if "matmul_params" in runs[0]:
+            if "head_params" in runs[0]:
                 row = rows[impl, method]
-                row["matmul_params"] = runs[0]["matmul_params"]
+                for key in ("body_params", "head_params", "scored_tokens"):
+                    row[key] = runs[0][key]
                 gflops = model_gflops_per_step(row, method, args.batch_size, args.pairs) / s_step
                 row["model_gflops_per_s"] = gflops
                 row["fraction_of_matmul_rate"] = gflops / matmul_gflops if matmul_gflops else None
@@ -714,8 +723,8 @@ def render(summary: dict[str, Any], args: argparse.Namespace) -> str:
         f"warm-up steps excluded={args.warmup_steps} fp32, AdamW, batches in data order",
         f"ours: DPO prompt sharing (method.share_prompt) = {_shared(rows)}",
         f"float32 matmul rate measured in this run: {summary['matmul_gflops']:.1f} GFLOP/s "
-        "(model GFLOP/s count 6 FLOPs per matmul parameter per real token, 8 with a reference"
-        " copy)"
+        "(model GFLOP/s: 6 FLOPs per body parameter per real token and per LM-head parameter per"
+        " scored token, 8 with a reference copy)"
         if summary.get("matmul_gflops")
         else "",
         "",
