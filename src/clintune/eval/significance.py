@@ -208,6 +208,34 @@ def paired_permutation_test(
     return TestResult(name, observed, float(result.pvalue), n, 0, observed)
 
 
+def _paired_bootstrap(
+    statistic: Callable[[np.ndarray], float],
+    pooled: np.ndarray,
+    n: int,
+    *,
+    n_resamples: int,
+    seed: int,
+    confidence: float = 0.95,
+) -> Any:
+    """``scipy.stats.bootstrap`` of ``statistic(b) - statistic(a)`` over the ``n`` paired
+    examples of ``pooled`` (a's items, then b's): each resample takes the same examples from
+    both runs."""
+
+    def difference(a_index: np.ndarray, b_index: np.ndarray) -> float:
+        return float(statistic(pooled[b_index]) - statistic(pooled[a_index]))
+
+    return bootstrap(
+        (np.arange(n), np.arange(n, 2 * n)),
+        difference,
+        paired=True,
+        vectorized=False,
+        n_resamples=n_resamples,
+        confidence_level=confidence,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+
+
 def paired_bootstrap_test(
     statistic: Callable[[np.ndarray], float],
     a: Sequence[Any],
@@ -237,18 +265,7 @@ def paired_bootstrap_test(
     if n < 2:
         return TestResult(name, observed, float("nan"), n, 0, observed)
 
-    def difference(a_index: np.ndarray, b_index: np.ndarray) -> float:
-        return float(statistic(pooled[b_index]) - statistic(pooled[a_index]))
-
-    result = bootstrap(
-        (np.arange(n), np.arange(n, 2 * n)),
-        difference,
-        paired=True,
-        vectorized=False,
-        n_resamples=n_resamples,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-    )
+    result = _paired_bootstrap(statistic, pooled, n, n_resamples=n_resamples, seed=seed)
     differences = np.asarray(result.bootstrap_distribution, dtype=float)
     below = 1 + int(np.sum(differences <= 0))
     above = 1 + int(np.sum(differences >= 0))
@@ -481,18 +498,8 @@ def difference_ci(
     if n < 2:
         return float("nan"), float("nan")
 
-    def difference(a_index: np.ndarray, b_index: np.ndarray) -> float:
-        return float(statistic(pooled[b_index]) - statistic(pooled[a_index]))
-
-    result = bootstrap(
-        (np.arange(n), np.arange(n, 2 * n)),
-        difference,
-        paired=True,
-        vectorized=False,
-        n_resamples=n_resamples,
-        confidence_level=confidence,
-        method="percentile",
-        rng=np.random.default_rng(seed),
+    result = _paired_bootstrap(
+        statistic, pooled, n, n_resamples=n_resamples, seed=seed, confidence=confidence
     )
     interval = result.confidence_interval
     return float(interval.low), float(interval.high)
