@@ -1100,6 +1100,15 @@ def gen_reasoning(
     return None
 
 
+def _support(text: str) -> Counter[str]:
+    """For each diagnosis, how many of its knowledge-base findings ``text`` shows (a finding
+    inside a longer one counts: "a low-grade fever" shows "fever")."""
+    lowered = text.lower()
+    return Counter(
+        dx for dx, kb in KNOWLEDGE_BASE.items() for _, p in kb["findings"] if p.lower() in lowered
+    )
+
+
 def _reasoning_item(rng: random.Random, dx: str, answer_letter: str) -> tuple[Record, Meta]:
     kb = KNOWLEDGE_BASE[dx]
     sex = kb["sex"] if kb["sex"] != "any" else _sex(rng)
@@ -1107,38 +1116,56 @@ def _reasoning_item(rng: random.Random, dx: str, answer_letter: str) -> tuple[Re
     findings = kb["findings"]
     syms = [f for f in findings if f[0] == "sym"]
     others = [f for f in findings if f[0] != "sym"]
-    n_sym = rng.randint(1, min(3, len(syms)))
-    n_other = rng.randint(1 if others else 0, min(3, len(others)))
-    if n_sym + n_other < 3 and len(syms) > n_sym:
-        n_sym = min(len(syms), 3 - n_other)
-    chosen_syms = rng.sample(syms, n_sym)
-    chosen_others = rng.sample(others, n_other)
-
-    person = "man" if sex == "M" else "woman"
-    sentences = [
-        f"{_article(age)} {age}-year-old {person} {rng.choice(_RSN_SETTINGS)} "
-        f"{join_list([p for _, p in chosen_syms])}."
-    ]
-    for kind, phrase in chosen_others:
-        if kind == "hx":
-            template = rng.choice(["There is a history of {p}.", "History is notable for {p}."])
-        elif kind == "exam":
-            template = rng.choice(["Examination shows {p}.", "On examination there is {p}."])
-        else:
-            template = rng.choice(["{P}.", "Workup: {p}."])
-        sentences.append(template.format(p=phrase, P=cap(phrase)))
-    distractors = [d for d in _RSN_DISTRACTORS if not d.startswith("He " if sex == "F" else "She ")]
-    body = [*sentences[1:], rng.choice(distractors)]
-    rng.shuffle(body)
-    question = " ".join([sentences[0], *body, rng.choice(_RSN_QUESTIONS)])
-
-    # Distractor options: prefer diagnoses sharing findings or an organ system.
+    # Distractor options and the red herring: prefer diagnoses sharing findings or a system.
     candidates = [d for d in _DIAGNOSES if d != dx]
     weights = [
         1 + 3 * _shared_findings(dx, d) + 2 * (KNOWLEDGE_BASE[d]["system"] == kb["system"])
         for d in candidates
     ]
-    wrong: list[str] = []
+    own = {p for _, p in findings}
+    person = "man" if sex == "M" else "woman"
+    distractors = [d for d in _RSN_DISTRACTORS if not d.startswith("He " if sex == "F" else "She ")]
+    for _ in range(SURFACE_RETRIES):
+        # 2-3 findings of the answer (at least one symptom), and one fewer red-herring
+        # findings of one distractor, so the answer is the diagnosis the most findings
+        # support, never the only one any finding supports.
+        n_true = rng.randint(2, 3)
+        n_sym = rng.randint(1, min(n_true, len(syms)))
+        n_other = min(n_true - n_sym, len(others))
+        chosen_syms = rng.sample(syms, n_sym)
+        chosen_others = rng.sample(others, n_other)
+        herring_dx = rng.choices(candidates, weights=weights, k=1)[0]
+        herring_pool = [f for f in KNOWLEDGE_BASE[herring_dx]["findings"] if f[1] not in own]
+        n_herring = len(chosen_syms) + len(chosen_others) - 1
+        if len(herring_pool) < n_herring:
+            continue
+        herrings = rng.sample(herring_pool, n_herring)
+        presenting = [p for _, p in chosen_syms] + [p for k, p in herrings if k == "sym"]
+        rng.shuffle(presenting)
+        sentences = [
+            f"{_article(age)} {age}-year-old {person} {rng.choice(_RSN_SETTINGS)} "
+            f"{join_list(presenting)}."
+        ]
+        for kind, phrase in chosen_others + [f for f in herrings if f[0] != "sym"]:
+            if kind == "hx":
+                template = rng.choice(["There is a history of {p}.", "History is notable for {p}."])
+            elif kind == "exam":
+                template = rng.choice(["Examination shows {p}.", "On examination there is {p}."])
+            else:
+                template = rng.choice(["{P}.", "Workup: {p}."])
+            sentences.append(template.format(p=phrase, P=cap(phrase)))
+        body = [*sentences[1:], rng.choice(distractors)]
+        rng.shuffle(body)
+        question = " ".join([sentences[0], *body, rng.choice(_RSN_QUESTIONS)])
+        # What the text shows decides: a finding inside another counts for its diagnosis too.
+        best = _support(question).most_common(2)
+        if best[0][0] == dx and (len(best) == 1 or best[1][1] < best[0][1]):
+            break
+    else:
+        raise RuntimeError(f"no vignette for {dx} whose findings favour it alone")
+
+    # The red herring's diagnosis is always among the wrong options.
+    wrong: list[str] = [herring_dx]
     while len(wrong) < 3:
         pick = rng.choices(candidates, weights=weights, k=1)[0]
         if pick not in wrong:
@@ -1153,7 +1180,13 @@ def _reasoning_item(rng: random.Random, dx: str, answer_letter: str) -> tuple[Re
         "answer_text": dx,
         "synonyms": list(kb["synonyms"]),
     }
-    return record, {"diagnosis": dx, "findings": [p for _, p in chosen_syms + chosen_others]}
+    meta = {
+        "diagnosis": dx,
+        "findings": [p for _, p in chosen_syms + chosen_others],
+        "red_herring": herring_dx,
+        "red_herring_findings": [p for _, p in herrings],
+    }
+    return record, meta
 
 
 # ---------------------------------------------------------------------------

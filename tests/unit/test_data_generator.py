@@ -394,6 +394,21 @@ def test_reasoning_answers_balanced_and_vignettes_use_kb(generated):
     assert len(diagnoses) >= 20
 
 
+def test_reasoning_answer_is_the_best_supported_diagnosis_despite_red_herrings(generated):
+    for split in gen.SPLITS:
+        for record, meta in generated["reasoning"][split]:
+            question = record["question"].lower()
+            herrings = meta["red_herring_findings"]
+            assert meta["red_herring"] in record["options"].values()
+            assert meta["red_herring"] != record["answer_text"]
+            assert len(herrings) == len(meta["findings"]) - 1
+            assert all(f.lower() in question for f in herrings)
+            support = gen._support(record["question"])
+            (first, top), *rest = support.most_common()
+            assert first == record["answer_text"], (record["question"], support)
+            assert not rest or rest[0][1] < top, (record["question"], support)
+
+
 # --------------------------------------------------------------------------- summarization
 
 

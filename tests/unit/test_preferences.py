@@ -3,6 +3,7 @@ reproducibility, the fallbacks and every count that ends up in metrics.json."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,9 @@ from hydra.utils import instantiate
 from clintune.methods.preferences import (
     SOURCES,
     FeedbackError,
+    PreferencePair,
     UnpairedExample,
+    answer_shift,
     build_pairs,
     mismatched_completions,
     split_by_feedback,
@@ -451,3 +454,47 @@ def test_mismatched_completions_come_from_other_prompts_and_are_seeded() -> None
 def test_mismatched_completions_need_two_prompts() -> None:
     with pytest.raises(ValueError, match="at least two different prompts"):
         mismatched_completions(_unpaired(["a", "a", "a"]), seed=0)
+
+
+# --------------------------------------------------------------------------- answer shift
+
+
+def _shipped(task: str) -> list[dict[str, Any]]:
+    path = Path(__file__).resolve().parents[2] / "data" / task / "train.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_uniform_wrong_labels_shift_triage_towards_the_majority_provider(tasks) -> None:
+    triage = tasks("triage")
+    examples = _shipped("triage")
+    pairs, _ = build_pairs(triage, examples, source="label", seed=0)
+    shift = answer_shift(triage, examples, pairs)
+    # physician is ~42% of the chosen providers and ~24% of the rejected ones
+    assert 0.15 < shift["pairs/answer_shift_tv/provider"] < 0.3
+    assert set(shift) == {"pairs/answer_shift_tv/provider", "pairs/answer_shift_tv/urgency"}
+    # rejecting each example's own answer with a copy of the chosen side's label marginal
+    # (a permutation of the chosen answers) leaves no shift at all
+    chosen = [p.chosen for p in pairs]
+    rotated = chosen[1:] + chosen[:1]
+    balanced = [
+        PreferencePair(p.example_id, p.messages, p.chosen, r, p.source)
+        for p, r in zip(pairs, rotated, strict=True)
+    ]
+    balanced_shift = answer_shift(triage, examples, balanced)
+    assert balanced_shift["pairs/answer_shift_tv/provider"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_binary_labels_shift_by_their_imbalance_and_free_text_has_none(tasks) -> None:
+    classification = tasks("classification")
+    examples = [_classification(i, "yes" if i % 4 else "no") for i in range(40)]
+    pairs, _ = build_pairs(classification, examples, source="label", seed=0)
+    # 3/4 yes chosen means 3/4 no rejected: the two marginals are mirror images
+    assert answer_shift(classification, examples, pairs) == {
+        "pairs/answer_shift_tv/answer": pytest.approx(0.5)
+    }
+    summarization = tasks("summarization")
+    summaries = [_summary(i) for i in range(3)]
+    pairs = [
+        PreferencePair(s["id"], [], s["summary"], "something else", "data") for s in summaries
+    ]
+    assert answer_shift(summarization, summaries, pairs) == {}

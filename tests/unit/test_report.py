@@ -260,6 +260,7 @@ def test_outputs_written(report: Report, sweep: Path) -> None:
     written = write_report(report, out, {"finished": 21, "failed": 2})
     names = {"report.md", "comparison.csv", "compute.csv", "significance.csv", "report.html"}
     names |= {"cost_effectiveness.csv", "cost_classification.png", "cost_reasoning.png"}
+    names |= {"likelihood.csv"}
     assert set(written) == names
     assert {p.name for p in out.iterdir()} == names  # no temporary files left behind
     html = (out / "report.html").read_text()
@@ -358,3 +359,56 @@ def test_html_renders_in_chromium(report: Report, tmp_path: Path) -> None:
     assert 'data-images-loaded="true"' in dom and 'data-image-count="4"' in dom
     assert "— (failed: FloatingPointError (s1, s2))" in dom
     assert "f1_macro (headline)" in dom and "McNemar exact" in dom
+
+
+# ------------------------------------------------------------------ the gold answer's likelihood
+
+CURVES = (
+    "epoch,eval/loss,eval/rewards/chosen,eval/rewards/rejected,eval/rewards/margins,step\n"
+    "0,0.6,-0.10,-0.50,0.40,100\n"
+    ",,,,,150\n"  # a training-only row: blanks never overwrite a value
+    "1,0.4,-0.32,-2.10,1.78,200\n"
+)
+
+
+def _preference_sweep(root: Path, methods: dict[str, dict[str, Any]]) -> Path:
+    sweep = root / "likelihood"
+    for method, config in methods.items():
+        for seed in (1, 2):
+            run = sweep / f"m-classification-{method}-s{seed}"
+            (run / ".hydra").mkdir(parents=True)
+            (run / "logs").mkdir()
+            full = {
+                "model": {"name": "m"},
+                "task": TASKS["classification"],
+                "method": {"name": method, **config},
+                "seed": seed,
+            }
+            (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(full))
+            curves = CURVES if seed == 1 else CURVES.replace("-0.32", "-0.12")
+            (run / "logs" / "metrics.csv").write_text(curves)
+            (run / "metrics.json").write_text(json.dumps({"test/accuracy": 0.5}))
+            (run / "job.json").write_text(json.dumps({"status": "finished"}))
+    return sweep
+
+
+def test_likelihood_table_reads_the_last_validation_of_reference_methods(
+    tmp_path: Path,
+) -> None:
+    sweep = _preference_sweep(
+        tmp_path, {"dpo": {"reference": "precompute"}, "orpo": {"lambda_": 0.1}}
+    )
+    report = build_report(collect_dirs([sweep]), n_resamples=10)
+    # ORPO's rewards have no reference in them: no row for it
+    assert [(r.method, r.seeds) for r in report.likelihood] == [("dpo", [1, 2])]
+    row = report.likelihood[0]
+    assert row.rewards_chosen == pytest.approx((-0.32 - 0.12) / 2)
+    assert row.rewards_rejected == pytest.approx(-2.10)
+    assert row.rewards_margins == pytest.approx(1.78)
+    assert row.displaced
+    written = write_report(report, tmp_path / "out", {"finished": 4})
+    text = written["report.md"].read_text()
+    assert "## The gold answer's likelihood" in text
+    assert "less likely than under the reference" in text
+    csv_rows = written["likelihood.csv"].read_text().splitlines()
+    assert csv_rows[1].startswith("classification,m,dpo,1 2,-0.22")

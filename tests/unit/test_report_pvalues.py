@@ -25,7 +25,7 @@ from scipy.stats import binomtest, rankdata, wilcoxon
 from statsmodels.stats.contingency_tables import mcnemar
 
 from clintune.report import build_report, collect_dirs
-from clintune.report.table import COMPARISONS, Comparison, Report
+from clintune.report.table import Comparison, Report, comparisons_for
 
 # One worker runs this module under -n: its module fixtures are built once.
 pytestmark = pytest.mark.xdist_group("report_pvalues")
@@ -68,7 +68,7 @@ CASES = [
     (task, metric, control, treatment)
     for task, metrics in METRICS.items()
     for metric in metrics
-    for control, treatment in COMPARISONS
+    for control, treatment in comparisons_for(METHODS)
 ]
 
 
@@ -363,7 +363,7 @@ def test_the_data_can_tell_the_test_variants_apart(report: Report) -> None:
     assert abs(exact_mcnemar_p(a[:PER_SEED], b[:PER_SEED]) - exact) > 1e-3  # one seed only
 
     wilcox, pratt = [], []
-    for control, treatment in COMPARISONS:
+    for control, treatment in comparisons_for(METHODS):
         pairs = zip(
             _pooled("summarization", control), _pooled("summarization", treatment), strict=True
         )

@@ -6,6 +6,7 @@ unfinished job as a gap with its reason instead of silently leaving it out.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
@@ -132,6 +133,40 @@ def _read_headline(record: RunRecord, source: Mapping[str, Any]) -> None:
         record.count_metrics = frozenset(str(name) for name in counts)
 
 
+#: Preference metrics of the last validation, read from a run's CSV curves (a W&B run's
+#: summary holds the same last values under the same names).
+PREFERENCE_CURVES = ("eval/rewards/", "eval/logps/")
+
+
+def _has_reference(config: Mapping[str, Any]) -> bool:
+    """Whether the run's method trains against a reference model (DPO, RPO, KTO): only then
+    are its rewards β·(log π − log π_ref); ORPO's and SimPO's have no reference in them."""
+    method = config.get("method")
+    return isinstance(method, Mapping) and bool(method.get("reference"))
+
+
+def last_preference_values(run_dir: Path) -> dict[str, float]:
+    """``eval/rewards/*`` and ``eval/logps/*`` at the preference stage's last validation,
+    from ``logs/metrics.csv`` (Lightning's CSV logger; {} when the run has none)."""
+    path = run_dir / rundir.LOGS / "metrics.csv"
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except OSError:
+        return {}
+    values: dict[str, float] = {}
+    for row in rows:  # later rows win: the last validation
+        for name, raw in row.items():
+            if name and name.startswith(PREFERENCE_CURVES) and raw not in (None, ""):
+                try:
+                    number = float(raw)
+                except ValueError:
+                    continue
+                if math.isfinite(number):
+                    values[name] = number
+    return values
+
+
 def read_run_dir(run_dir: Path) -> RunRecord:
     """A record for one run directory (one with ``.hydra/config.yaml``)."""
     try:
@@ -163,7 +198,8 @@ def read_run_dir(run_dir: Path) -> RunRecord:
     elif metrics is not None:
         # metrics.json is written last and atomically: its presence means the run finished.
         record.status = FINISHED
-        record.metrics = clean_metrics(metrics)
+        curves = last_preference_values(run_dir) if _has_reference(config) else {}
+        record.metrics = {**curves, **clean_metrics(metrics)}
     elif job.get("status") == "running":
         record.reason = "incomplete: still running or killed (job.json says running)"
     else:
@@ -269,7 +305,16 @@ def collect_wandb(spec: str, api: Any | None = None) -> Collection:
         )
         _read_headline(record, config)
         state = str(getattr(run, "state", "") or "")
-        metrics = clean_metrics(_summary_dict(run))
+        summary = _summary_dict(run)
+        metrics = clean_metrics(summary)
+        if _has_reference(config):
+            metrics |= {
+                key: number
+                for key, value in summary.items()
+                if isinstance(key, str)
+                and key.startswith(PREFERENCE_CURVES)
+                and (number := _number(value)) is not None
+            }
         has_results = any(key.startswith("test/") for key in metrics)
         if state == "finished" and has_results:
             record.status, record.metrics = FINISHED, metrics

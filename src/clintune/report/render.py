@@ -30,6 +30,7 @@ METHOD_COLORS = {
     "base": "#9e9e9e",
     "sft": "#1f77b4",
     "dpo": "#d62728",
+    "dpo_on_policy": "#e377c2",
     "dpo_only": "#ff7f0e",
     "rpo": "#8c564b",
     "orpo": "#2ca02c",
@@ -323,6 +324,9 @@ def to_markdown(report: Report, n_runs: dict[str, int]) -> str:
     if partial:
         out += ["Seeds left out of a mean:", "", *(f"- {_md_escape(p)}" for p in partial), ""]
     out += ["## Significance", "", _md_table(*significance_rows(report)), ""]
+    if report.likelihood:
+        out += ["## The gold answer's likelihood", "", _md_table(*likelihood_rows_text(report))]
+        out += ["", LIKELIHOOD_NOTE, ""]
     if report.cost_effect:
         out += ["## Cost-effectiveness", "", _md_table(*cost_rows(report)), ""]
         out += [COST_NOTE, ""]
@@ -410,6 +414,72 @@ def compute_csv(report: Report) -> str:
         values[fields.index("seeds")] = " ".join(str(s) for s in row.seeds)
         rows.append(values)
     return _csv(fields, rows)
+
+
+LIKELIHOOD_NOTE = (
+    "TRL's rewards at the last validation, mean over seeds: rewards/chosen = "
+    "β·(log π − log π_ref) of the gold answers on the validation pairs, rewards/rejected the "
+    "same for the rejected answers, margins their difference. rewards/chosen below zero: the "
+    "method made the gold answer less likely than its reference (the SFT model) did "
+    "(likelihood displacement), even where the margin grew; its probability mass went to "
+    "answers in neither side of the pairs."
+)
+
+
+def likelihood_rows_text(report: Report) -> tuple[list[str], list[list[str]]]:
+    header = [
+        "task",
+        "model",
+        "method",
+        "seeds",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "gold answer",
+    ]
+    rows = [
+        [
+            row.task,
+            row.model,
+            row.method,
+            str(len(row.seeds)),
+            fmt_value(row.rewards_chosen),
+            fmt_value(row.rewards_rejected),
+            fmt_value(row.rewards_margins),
+            "less likely than under the reference" if row.displaced else "as or more likely",
+        ]
+        for row in report.likelihood
+    ]
+    return header, rows
+
+
+def likelihood_csv(report: Report) -> str:
+    header = [
+        "task",
+        "model",
+        "method",
+        "seeds",
+        "rewards_chosen",
+        "rewards_rejected",
+        "rewards_margins",
+        "logps_chosen",
+        "displaced",
+    ]
+    rows = [
+        [
+            r.task,
+            r.model,
+            r.method,
+            " ".join(str(seed) for seed in r.seeds),
+            r.rewards_chosen,
+            r.rewards_rejected,
+            r.rewards_margins,
+            r.logps_chosen,
+            int(r.displaced),
+        ]
+        for r in report.likelihood
+    ]
+    return _csv(header, rows)
 
 
 def _comparison_fields(comparison: Comparison | None) -> list[Any]:
@@ -749,6 +819,14 @@ def to_html(
     parts += [
         "<h2>Significance</h2>",
         _html_table(sig_header, sig_rows, sig_classes),
+    ]
+    if report.likelihood:
+        parts += [
+            "<h2>The gold answer's likelihood</h2>",
+            _html_table(*likelihood_rows_text(report), None),
+            f'<p class="note">{html.escape(LIKELIHOOD_NOTE)}</p>',
+        ]
+    parts += [
         "<h2>Compute</h2>",
         _html_table(*compute_rows(report), None),
         '<p class="note">FLOPs and time vs SFT: a preference method\'s total (its SFT stage '
@@ -773,6 +851,7 @@ def write_report(report: Report, out_dir: Path, n_runs: dict[str, int]) -> dict[
         "significance.csv": significance_csv(report),
         "compute.csv": compute_csv(report),
         "cost_effectiveness.csv": cost_csv(report),
+        "likelihood.csv": likelihood_csv(report),
         "report.html": to_html(report, n_runs, figures, cost_figures),
     }
     contents |= {cost_figure_name(task): png for task, png in cost_figures.items()}

@@ -23,9 +23,10 @@ from clintune.eval.significance import (
 )
 from clintune.report.collect import FINISHED, Collection, RunRecord
 
-METHOD_ORDER = ("base", "sft", "dpo", "dpo_only", "rpo", "orpo", "simpo", "kto")
-# control → treatment, as the study reads them: did DPO beat SFT, did SFT beat base, ...
-COMPARISONS = (("sft", "dpo"), ("base", "sft"), ("base", "dpo"))
+METHOD_ORDER = ("base", "sft", "dpo", "dpo_on_policy", "dpo_only", "rpo", "orpo", "simpo", "kto")
+# control → treatment, as the study reads them (did DPO beat SFT, did SFT beat base, ...),
+# then the pair-source axis: did on-policy pairs beat uniformly drawn wrong labels?
+COMPARISONS = (("sft", "dpo"), ("base", "sft"), ("base", "dpo"), ("dpo", "dpo_on_policy"))
 # Reference points of the cost-effectiveness answer, not methods whose gain is asked about.
 BASELINES = ("base", "sft")
 COUNT_METRICS = frozenset(
@@ -144,6 +145,26 @@ class CostEffect:
 
 
 @dataclass
+class LikelihoodRow:
+    """A preference method's rewards at its last validation, mean over seeds: TRL's
+    ``rewards/chosen`` is β·(log π − log π_ref) of the gold answers, so below zero the method
+    made the gold answer less likely than its reference did (likelihood displacement)."""
+
+    task: str
+    model: str
+    method: str
+    seeds: list[int | None]
+    rewards_chosen: float
+    rewards_rejected: float | None
+    rewards_margins: float | None
+    logps_chosen: float | None
+
+    @property
+    def displaced(self) -> bool:
+        return self.rewards_chosen < 0
+
+
+@dataclass
 class Report:
     tasks: list[str]
     models: list[str]
@@ -157,6 +178,7 @@ class Report:
     n_resamples: int
     warnings: list[str] = field(default_factory=list)
     cost_effect: list[CostEffect] = field(default_factory=list)
+    likelihood: list[LikelihoodRow] = field(default_factory=list)
 
     def cell(self, task: str, metric: str, model: str, method: str) -> Cell:
         for cell in self.cells:
@@ -613,7 +635,45 @@ def build_report(
         warnings=warnings,
     )
     report.cost_effect = cost_effectiveness(report)
+    report.likelihood = likelihood_rows(tasks, models, all_methods, runs)
     return report
+
+
+def likelihood_rows(
+    tasks: Sequence[str], models: Sequence[str], methods: Sequence[str], runs: dict[tuple, Any]
+) -> list[LikelihoodRow]:
+    """Per task × model × method with reference-based rewards (DPO, RPO, KTO, ...): the
+    rewards at the last validation, mean over the finished seeds."""
+    rows = []
+    for task in tasks:
+        for model in models:
+            for method in methods:
+                finished = [
+                    r
+                    for (t, m, meth, _seed), r in sorted(runs.items(), key=lambda kv: str(kv[0]))
+                    if (t, m, meth) == (task, model, method)
+                    and r.status == FINISHED
+                    and "eval/rewards/chosen" in r.metrics
+                ]
+                if not finished:
+                    continue
+
+                def mean_of(name: str, runs_: list = finished) -> float | None:
+                    return _mean([r.metrics.get(name) for r in runs_])
+
+                rows.append(
+                    LikelihoodRow(
+                        task,
+                        model,
+                        method,
+                        [r.seed for r in finished],
+                        rewards_chosen=mean_of("eval/rewards/chosen") or 0.0,
+                        rewards_rejected=mean_of("eval/rewards/rejected"),
+                        rewards_margins=mean_of("eval/rewards/margins"),
+                        logps_chosen=mean_of("eval/logps/chosen"),
+                    )
+                )
+    return rows
 
 
 # --------------------------------------------------------------------------- cost-effectiveness
@@ -699,6 +759,7 @@ METHOD_NAMES = {
     "base": "the base model",
     "sft": "SFT",
     "dpo": "DPO",
+    "dpo_on_policy": "DPO with on-policy pairs",
     "dpo_only": "DPO without SFT",
     "rpo": "RPO",
     "orpo": "ORPO",

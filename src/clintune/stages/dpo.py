@@ -27,6 +27,7 @@ from clintune.methods.logprobs import DEFAULT_CHUNK_SIZE
 from clintune.methods.preferences import (
     FeedbackError,
     PreferencePair,
+    answer_shift,
     build_pairs,
     mismatched_completions,
     split_by_feedback,
@@ -150,7 +151,7 @@ def _pairs_for(
     split: str,
     examples: list[dict[str, Any]],
     sampler: Any,
-) -> tuple[list[PreferencePair], dict[str, int]]:
+) -> tuple[list[PreferencePair], dict[str, float]]:
     pairs_cfg = method.pairs
     pairs, counts = build_pairs(
         ctx.task,
@@ -166,12 +167,12 @@ def _pairs_for(
             f"no preference pairs for the {split} split of task '{ctx.task.name}' from "
             f"source '{pairs_cfg.source}' ({counts}); give a 'rejected' field or use on_policy"
         )
-    return pairs, counts
+    return pairs, {**counts, **answer_shift(ctx.task, examples, pairs)}
 
 
 def _unpaired_for(
     ctx: StageContext, method: KTOSettings, split: str, sampler: Any
-) -> tuple[list[PreferencePair], list[bool], dict[str, int]]:
+) -> tuple[list[PreferencePair], list[bool], dict[str, float]]:
     """KTO's unpaired examples of a split, each as a pair (its completion, a mismatched
     completion), with its desirability in ``desirable`` order; and the counts."""
     try:
@@ -183,7 +184,7 @@ def _unpaired_for(
         )
     except FeedbackError as error:
         raise UserError(f"task '{ctx.task.name}', {split} split: {error}") from error
-    counts: dict[str, int] = {}
+    counts: dict[str, float] = {}
     derived = []
     if rest:
         pairs, counts = _pairs_for(ctx, method, split, rest, sampler)
