@@ -239,9 +239,22 @@ _METHOD_CLASSES: dict[str, type] = {
     "simpo": SimPOSettings,
     "kto": KTOSettings,
 }
-_METHOD_KEYS = {
-    field.name for kind in _METHOD_CLASSES.values() for field in dataclasses.fields(kind)
-}
+#: The keys an experiment file (conf/experiment/*.yaml) sets under ``method:`` for every method
+#: of its grid, whether that method reads them or not: demo_grid shortens ``method.train`` and
+#: the SFT stage ``method.sft`` of ``method=base,sft,dpo,...``, qlora_llama3 sizes both. Only
+#: these may ride on a method that does not use them (base has neither, sft and orpo have no
+#: SFT stage); any other key of another method is an error. tests/unit/test_settings.py holds
+#: this set to exactly the keys the shipped experiments set.
+GRID_METHOD_KEYS = frozenset({"sft", "train"})
+
+
+def _kinds_using(key: str) -> list[str]:
+    """The method kinds whose settings have ``key`` at the top of ``method``."""
+    return [
+        name
+        for name, kind in _METHOD_CLASSES.items()
+        if key in {field.name for field in dataclasses.fields(kind)}
+    ]
 
 
 @dataclass(frozen=True)
@@ -577,12 +590,21 @@ class _Checker:
         hints = get_type_hints(kind)
         fields = {field.name: field for field in dataclasses.fields(kind)}
         if key.split(".")[-1] not in _OPEN_NODES:
-            # An experiment sets method.train/method.sft for every method of its grid, so a
-            # method node tolerates the keys of the other methods; a typo is still caught.
-            tolerated = _METHOD_KEYS if kind in _METHOD_CLASSES.values() else set()
+            is_method = kind in _METHOD_CLASSES.values()
+            # An experiment sets method.train/method.sft for every method of its grid.
+            tolerated: set[str] = set(GRID_METHOD_KEYS) if is_method else set()
             if kind is FSDPSettings:
                 tolerated = {"_target_"}
             for unknown in sorted(set(value) - set(fields) - tolerated):
+                users = _kinds_using(str(unknown)) if is_method else []
+                if users:  # another method's key: it would be silently ignored here
+                    name, own = value.get("name"), value.get("kind")
+                    of_kind = "" if name == own else f" (kind {own})"
+                    self.problems.append(
+                        f"{key}.{unknown} is not used by {key}={name}{of_kind}: only methods of "
+                        f"kind {', '.join(users)} read it; remove it, or choose one of those"
+                    )
+                    continue
                 close = difflib.get_close_matches(str(unknown), list(fields), 1)
                 hint = f"did you mean {key}.{close[0]}? " if close else ""
                 self.problems.append(

@@ -1,6 +1,7 @@
 """Training on two CPU processes, data-parallel (trainer=ddp_cpu) and sharded (trainer=fsdp_cpu,
-FSDP2), both on gloo, against one process with the same global batch; rank-zero-only writes;
-the sharded run's gathered weights evaluated in one process; both inside a Hydra multirun."""
+FSDP2), both on gloo, against one process with the same global batch (SFT, DPO, ORPO, KTO);
+rank-zero-only writes; the sharded run's gathered weights evaluated in one process; both inside
+a Hydra multirun."""
 
 from __future__ import annotations
 
@@ -286,6 +287,118 @@ def test_dpo_on_two_processes_matches_one_with_the_same_global_batch(
     if reference == "precompute":
         # The sharded reference pass scored every training pair once, over both ranks.
         assert metrics["compute/dpo/reference_tokens"] == single["compute/dpo/reference_tokens"] > 0
+
+
+# ORPO and KTO on triage (answers of 12 to 15 tokens): ORPO's NLL term is normalised by the
+# global batch's chosen tokens, which a per-rank token count would get wrong. KTO from the base
+# model (no SFT stage): its KL reference point z0 is a mean over the batch's mismatched
+# completions, which two ranks compute on halves and average.
+PREFERENCE_ARGS = [
+    *[arg for arg in SMALL if arg not in ("task=classification", "subsample.train=32")],
+    "task=triage",
+    "task.instruction=Triage",
+    "method.train.epochs=1",
+    "method.pairs.source=label",
+    "method.module.learning_rate=1e-3",
+]
+METHOD_ARGS = {
+    "orpo": ["method=orpo", "subsample.train=32"],  # 32 pairs: 4 steps of 8
+    # 16 pairs unpaired into 32 examples: 4 steps of 8; 16 val pairs into 32 examples.
+    # Unequal weights: with equal ones z0 nearly cancels between the desirable and the
+    # undesirable half of a batch, and a wrong z0 would hardly move the loss or the weights.
+    # The desirable side: a heavier undesirable one drove z0 below 0, where it is clamped.
+    "kto": [
+        "method=kto",
+        "method.sft=null",
+        "subsample.train=16",
+        "method.module.desirable_weight=1.5",
+    ],
+}
+
+
+def _preference_run(
+    method: str, trainer: str, per_rank: int, run_dir: Path, env: dict[str, str], cache_dir: Path
+) -> None:
+    """One run of ``method``; the evaluation batch is per rank too: KTO's z0 is a mean over
+    each evaluation batch, so one process and two must see the same global ones."""
+    args = [
+        *PREFERENCE_ARGS,
+        *METHOD_ARGS[method],
+        f"trainer={trainer}",
+        f"method.train.batch_size={per_rank}",
+        f"method.train.eval_batch_size={per_rank}",
+        f"hydra.run.dir={run_dir}",
+    ]
+    with _reference_cache_dropped_after(cache_dir):
+        run_script("train.py", args, env)
+
+
+@pytest.fixture(scope="module")
+def orpo_one_process(tmp_path_factory: pytest.TempPathFactory, run_env, cache_dir: Path) -> Path:
+    one = tmp_path_factory.mktemp("orpo") / "one"
+    _preference_run("orpo", "cpu", 8, one, run_env, cache_dir)
+    return one
+
+
+@pytest.fixture(scope="module")
+def kto_one_process(tmp_path_factory: pytest.TempPathFactory, run_env, cache_dir: Path) -> Path:
+    one = tmp_path_factory.mktemp("kto") / "one"
+    _preference_run("kto", "cpu", 8, one, run_env, cache_dir)
+    return one
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "trainer",
+    [
+        pytest.param(trainer, marks=pytest.mark.xdist_group("distributed_orpo"))
+        for trainer in ("ddp_cpu", "fsdp_cpu")
+    ],
+)
+def test_orpo_on_two_processes_matches_one_with_the_same_global_batch(
+    tmp_path: Path, run_env, cache_dir: Path, orpo_one_process: Path, trainer: str
+) -> None:
+    one, two = orpo_one_process, tmp_path / "two"
+    _preference_run("orpo", trainer, 4, two, run_env, cache_dir)
+    _assert_same_training(one, two, "train/loss")
+    for curve in ("train/nll_loss", "train/log_odds_ratio"):
+        assert _curve(one, curve) == pytest.approx(_curve(two, curve), abs=2e-4), curve
+    metrics = _assert_rank_zero_wrote_once(two)
+    single = json.loads((one / "metrics.json").read_text())
+    assert metrics["compute/orpo/processes"] == 2
+    assert metrics["compute/orpo/tokens"] == single["compute/orpo/tokens"]
+    assert metrics["compute/orpo/reference_tokens"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "trainer",
+    [
+        pytest.param(trainer, marks=pytest.mark.xdist_group("distributed_kto"))
+        for trainer in ("ddp_cpu", "fsdp_cpu")
+    ],
+)
+def test_kto_on_two_processes_matches_one_with_the_same_global_batch(
+    tmp_path: Path, run_env, cache_dir: Path, kto_one_process: Path, trainer: str
+) -> None:
+    """Our mismatched completions are fixed before batching (TRL's rotate within each
+    per-device batch, so they change with the number of processes), and each rank's z0 is
+    averaged over the ranks as TRL gathers it: with equal shares per rank, the global batch's
+    mean, so two processes train as one does."""
+    one, two = kto_one_process, tmp_path / "two"
+    _preference_run("kto", trainer, 4, two, run_env, cache_dir)
+    _assert_same_training(one, two, "train/loss")
+    kl_one, kl_two = _curve(one, "train/kl"), _curve(two, "train/kl")
+    assert max(kl_one) > 1e-3  # z0 above its clamp at 0, where the loss reads it
+    assert kl_one == pytest.approx(kl_two, abs=2e-4)
+    for curve in ("eval/kl", "train/rewards/chosen", "train/rewards/rejected"):
+        assert _curve(one, curve) == pytest.approx(_curve(two, curve), abs=2e-4), curve
+    metrics = _assert_rank_zero_wrote_once(two)
+    single = json.loads((one / "metrics.json").read_text())
+    for key in ("unpaired/desirable/train", "unpaired/undesirable/train", "compute/kto/tokens"):
+        assert metrics[key] == single[key], key
+    # The sharded reference pass scored every example and its mismatched answer once.
+    assert metrics["compute/kto/reference_tokens"] == single["compute/kto/reference_tokens"] > 0
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Checkpoint and resume: a SIGKILL mid-epoch, then the same command, ends bit-identical to
-an uninterrupted run (SFT; DPO on one process, on two with DDP and on two sharded with FSDP2);
+an uninterrupted run (SFT; DPO on one process, on two with DDP and on two sharded with FSDP2;
+ORPO on one process; KTO on one and on two with DDP);
 SIGTERM saves a checkpoint and exits 143 (one process, DDP, FSDP2); under submitit the job
 requeues itself and resumes; checkpoints are never half-written, sharded ones included."""
 
@@ -224,6 +225,53 @@ def test_dpo_sigkill_mid_epoch_then_same_command_ends_bit_identical(
         cache_dir,
         stage="dpo",
         steps_per_epoch=6,  # 24 pairs / a global batch of 4
+        total_steps=6,
+    )
+
+
+def _with_method(method: str, args: list[str]) -> list[str]:
+    """DPO_ARGS for another preference method (Hydra takes one ``method=`` choice)."""
+    return [f"method={method}" if arg == "method=dpo_only" else arg for arg in args]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "trainer", "batch_size", "seed", "extra"),
+    [
+        # One stage from the base model, no reference: 24 pairs / 4 per step.
+        ("orpo", "cpu", 4, 20, []),
+        # From the base model too (no SFT stage, the cheapest KTO stage), against the
+        # precomputed reference: 12 examples' pairs unpaired into 24 examples / 4 per step,
+        # each batch with its mismatched completions for the KL reference point.
+        ("kto", "cpu", 4, 21, ["method.sft=null", "subsample.train=12"]),
+        # KTO's KL reference point is averaged over the ranks at every step.
+        ("kto", "ddp_cpu", 2, 22, ["method.sft=null", "subsample.train=12"]),
+    ],
+    ids=["orpo-1-process", "kto-1-process", "kto-2-processes"],
+)
+def test_orpo_and_kto_sigkill_mid_epoch_then_same_command_ends_bit_identical(
+    tmp_path: Path,
+    run_env,
+    cache_dir: Path,
+    method: str,
+    trainer: str,
+    batch_size: int,
+    seed: int,
+    extra: list[str],
+) -> None:
+    _kill_mid_epoch_then_rerun_ends_bit_identical(
+        [
+            *_with_method(method, DPO_ARGS),
+            *extra,
+            f"trainer={trainer}",
+            f"method.train.batch_size={batch_size}",
+            f"seed={seed}",
+        ],
+        tmp_path,
+        run_env,
+        cache_dir,
+        stage=method,
+        steps_per_epoch=6,  # 24 pairs, or 24 unpaired examples, / a global batch of 4
         total_steps=6,
     )
 

@@ -10,9 +10,16 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import REPO, compose_train
 
-from clintune.settings import ConfigError, DPOSettings, SFTSettings, settings_from
+from clintune.settings import (
+    GRID_METHOD_KEYS,
+    ConfigError,
+    DPOSettings,
+    SFTSettings,
+    settings_from,
+)
 from clintune.stages import StageContext, sft_stage_key
 
 BAD_CHOICES = [
@@ -197,6 +204,97 @@ def test_train_py_fails_fast_with_one_error_line_per_bad_key(
     assert "Traceback" not in result.stderr + result.stdout
     assert not cache.exists()  # no model was built or loaded, no stage or reference cache
     assert not (run_dir / "job.json").exists() and not (run_dir / "wandb").exists()
+
+
+def test_the_keys_a_method_may_carry_unread_are_exactly_what_experiments_set() -> None:
+    """GRID_METHOD_KEYS is derived from conf/experiment: a new experiment that grafts another
+    key onto every method of its grid fails here (and in test_conf_all) until it is added."""
+    grafted: set[str] = set()
+    for path in sorted((REPO / "conf" / "experiment").glob("*.yaml")):
+        grafted |= set((yaml.safe_load(path.read_text()) or {}).get("method") or {})
+    assert grafted == GRID_METHOD_KEYS
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        # "+" is what Hydra itself suggests once the plain override is refused.
+        (
+            ["method=simpo", "+method.reference=copy"],
+            "error: method.reference is not used by method=simpo: only methods of kind dpo, "
+            "kto read it; remove it, or choose one of those",
+        ),
+        (
+            ["method=orpo", "+method.reference=precompute"],
+            "error: method.reference is not used by method=orpo: only methods of kind dpo, kto",
+        ),
+        (
+            ["method=sft", "+method.pairs.source=data"],
+            "error: method.pairs is not used by method=sft: only methods of kind dpo, orpo, "
+            "simpo, kto",
+        ),
+        (
+            ["method=rpo", "+method.unpaired.source=data"],
+            "error: method.unpaired is not used by method=rpo (kind dpo): only methods of kind kto",
+        ),
+        # Not a key of any method (beta is method.module.beta): a plain unknown key.
+        (
+            ["method=sft", "+method.beta=0.3"],
+            "error: method.beta is not a known key: known keys are name, kind, module, train, save",
+        ),
+    ],
+)
+def test_train_py_refuses_another_methods_key_before_loading(
+    overrides: list[str], expected: str, tmp_path: Path, run_env: dict[str, str]
+) -> None:
+    """Another method's key would be silently ignored by this method: exit 1 within seconds,
+    naming the key and the methods that read it, with nothing loaded."""
+    cache = tmp_path / "cache"
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *overrides, f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=REPO,
+        env={**run_env, "CLINTUNE_CACHE": str(cache)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    seconds = time.perf_counter() - started
+    assert result.returncode == 1, result.stderr
+    assert seconds < 10, f"took {seconds:.1f} s"
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(expected), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not cache.exists()
+
+
+def test_every_misplaced_method_key_is_reported_at_once(tmp_path: Path) -> None:
+    cfg = compose_train(
+        ["method=sft", "+method.pairs.seed=1", "+method.reference=copy", "+method.trian=1"],
+        tmp_path,
+    )
+    problems = _problems_of(cfg)
+    assert [p.split(" ")[0] for p in problems] == [
+        "method.pairs", "method.reference", "method.trian",
+    ]  # fmt: skip
+    assert "not used by method=sft: only methods of kind dpo, orpo, simpo, kto" in problems[0]
+    assert "did you mean method.train?" in problems[2]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["method=base", "+method.sft.train.max_steps=40", "+method.train.max_steps=40"],
+        ["method=sft", "+method.sft.train.max_steps=40"],
+        ["method=orpo", "+method.sft.train.max_steps=40"],
+    ],
+)
+def test_the_keys_experiments_graft_ride_on_every_method(
+    overrides: list[str], tmp_path: Path
+) -> None:
+    """method.sft and method.train on methods that read neither or not both (base; sft and
+    orpo have no SFT stage): what `experiment=demo_grid method=base,sft,...,orpo` composes to."""
+    settings_from(compose_train(overrides, tmp_path))
 
 
 def test_the_fsdp_strategy_is_checked_before_anything_loads(tmp_path: Path) -> None:

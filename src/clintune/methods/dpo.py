@@ -230,11 +230,13 @@ class PreferenceModule(ComputeCounters, WarmupCosineAdamW, ShardableModel, L.Lig
         return value
 
     def nll_num_tokens(self, chosen_lengths: torch.Tensor) -> torch.Tensor:
-        """Denominator of a chosen-NLL term: this batch's chosen tokens, or in training under
-        data parallelism the global batch's divided by the world size, as SFT normalises."""
+        """Denominator of a chosen-NLL term: this batch's chosen tokens, or under data
+        parallelism the global batch's divided by the world size, as SFT normalises. In
+        validation too (every rank runs the same number of batches): with a rank's own count
+        there, two processes' eval/loss would differ from one process's on the same batches."""
         tokens = chosen_lengths.sum().to(torch.float64)
         world = self._world_size()
-        if self.training and world > 1:
+        if world > 1:
             tokens = self._sum_over_ranks(tokens) / world
         return tokens
 
