@@ -494,7 +494,5 @@ def test_binary_labels_shift_by_their_imbalance_and_free_text_has_none(tasks) ->
     }
     summarization = tasks("summarization")
     summaries = [_summary(i) for i in range(3)]
-    pairs = [
-        PreferencePair(s["id"], [], s["summary"], "something else", "data") for s in summaries
-    ]
+    pairs = [PreferencePair(s["id"], [], s["summary"], "something else", "data") for s in summaries]
     assert answer_shift(summarization, summaries, pairs) == {}
