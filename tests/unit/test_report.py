@@ -19,6 +19,7 @@ from statsmodels.stats.multitest import multipletests
 from clintune.eval.metrics import MACRO_F1_RULE
 from clintune.report import build_report, collect_dirs, collect_wandb, write_report
 from clintune.report.__main__ import main
+from clintune.report.render import cell_text, fmt_p, headline_rows
 from clintune.report.table import Report
 
 # One worker runs this module under -n: its module fixtures are built once.
@@ -208,6 +209,36 @@ def test_mcnemar_p_value_matches_statsmodels(report: Report) -> None:
     assert comparison.n == 2 * N and comparison.seeds == [1, 2]
     assert comparison.p_value == pytest.approx(mcnemar(table, exact=True).pvalue)
     assert comparison.effect == pytest.approx(b.mean() - a.mean())
+
+
+def test_headline_table_has_one_row_per_task_and_model_with_dpo_vs_sft(
+    report: Report, sweep: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    header, rows = headline_rows(report)
+    assert header[:6] == ["task", "metric", "model", "base", "sft", "dpo"]
+    assert header[6:] == ["dpo − sft (P (Holm))"]  # no dpo_on_policy runs: no pair-source column
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        (task, metric, model)
+        for task, metric in (("classification", "f1_macro"), ("reasoning", "accuracy"))
+        for model in ("m1", "m2")
+    ]
+    for row in rows:
+        task, metric, model = row[:3]
+        assert row[3:6] == [cell_text(report.cell(task, metric, model, m)) for m in header[3:6]]
+        test = next(
+            c
+            for c in report.comparisons
+            if (c.task, c.metric, c.model, c.control, c.treatment)
+            == (task, metric, model, "sft", "dpo")
+        )
+        if test.effect is not None:
+            assert row[6] == f"{test.effect:+.3f} ({fmt_p(test.p_adjusted)})"
+    assert (
+        main([str(sweep), "--headline", "--resamples", "50", "--out", str(sweep.parent / "h")]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert "| classification | f1_macro | m1 |" in printed
+    assert "accuracy (headline)" not in printed  # the full table is not what --headline prints
 
 
 def test_holm_across_the_whole_report(report: Report) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from clintune.report.collect import Collection, collect_dirs, collect_wandb
-from clintune.report.render import comparison_markdown, write_report
+from clintune.report.render import comparison_markdown, headline_markdown, write_report
 from clintune.report.table import build_report
 
 
@@ -28,6 +28,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--resamples", type=int, default=10000, help="permutation-test resamples (default 10000)"
     )
     parser.add_argument("--methods", help="comma-separated methods to report, e.g. base,sft,dpo")
+    parser.add_argument(
+        "--headline",
+        action="store_true",
+        help="print the headline table (one row per task and model) instead of the full one",
+    )
     parser.add_argument(
         "--log-to-wandb", action="store_true", help="also log the tables to W&B (online only)"
     )
@@ -61,7 +66,7 @@ def main(argv: Sequence[str] | None = None, *, wandb_api: Any | None = None) -> 
     out = args.out or (Path(args.paths[0]) / "report" if args.paths else Path("report"))
     statuses = Counter(r.status for r in collection.runs)
     written = write_report(report, out, dict(sorted(statuses.items())))
-    print(comparison_markdown(report))
+    print(headline_markdown(report) if args.headline else comparison_markdown(report))
     print(flush=True)
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)

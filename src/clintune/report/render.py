@@ -113,6 +113,42 @@ def comparison_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+#: The comparisons the headline table shows beside its cells: the study's question, then the
+#: pair-source axis.
+HEADLINE_TESTS = (("sft", "dpo"), ("dpo", "dpo_on_policy"))
+
+
+def headline_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    """One row per task × model: the headline metric of every method, then each of
+    ``HEADLINE_TESTS`` present as its effect and adjusted P value."""
+    tests = [(c, t) for c, t in HEADLINE_TESTS if c in report.methods and t in report.methods]
+    p_name = "P (Holm)" if report.correction == "holm" else "P"
+    header = ["task", "metric", "model", *report.methods]
+    header += [f"{treatment} − {control} ({p_name})" for control, treatment in tests]
+    by_key = {(c.task, c.metric, c.model, c.control, c.treatment): c for c in report.comparisons}
+    rows = []
+    for task in report.tasks:
+        if not report.metrics[task]:
+            continue
+        metric = report.metrics[task][0]
+        for model in report.models:
+            row = [task, metric, model]
+            row += [cell_text(report.cell(task, metric, model, m)) for m in report.methods]
+            for control, treatment in tests:
+                comparison = by_key.get((task, metric, model, control, treatment))
+                if comparison is None or comparison.effect is None:
+                    row.append("—" if comparison is None else f"— ({comparison.status})")
+                else:
+                    row.append(f"{comparison.effect:+.3f} ({fmt_p(comparison.p_adjusted)})")
+            rows.append(row)
+    return header, rows
+
+
+def headline_markdown(report: Report) -> str:
+    notes = "\n".join(f"{n}  " for n in _footnotes(report))
+    return _md_table(*headline_rows(report)) + "\n\n" + notes
+
+
 def significance_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     adjusted = "P (Holm)" if report.correction == "holm" else "P (uncorrected)"
     header = ["task", "metric", "model", "comparison", "test", "seeds", "n", "effect", "P"]
@@ -319,6 +355,7 @@ def cost_figure_name(task: str) -> str:
 def to_markdown(report: Report, n_runs: dict[str, int]) -> str:
     out = ["# clintune report", "", f"**{answer_sentence(report)}**", ""]
     out += [summary_line(report, n_runs), ""]
+    out += ["## Headline", "", headline_markdown(report), ""]
     out += ["## Comparison", "", comparison_markdown(report), ""]
     partial = _partial_gaps(report)
     if partial:
@@ -791,6 +828,8 @@ def to_html(
         "<h1>clintune report</h1>",
         f'<p class="answer"><strong>{html.escape(answer_sentence(report))}</strong></p>',
         f"<p>{html.escape(summary_line(report, n_runs))}</p>",
+        "<h2>Headline</h2>",
+        _html_table(*headline_rows(report), None),
         "<h2>Comparison</h2>",
         _html_table(header, rows, classes),
         *(f'<p class="note">{html.escape(n)}</p>' for n in _footnotes(report)),
