@@ -170,17 +170,23 @@ def test_two_process_sharded_generation_gives_the_one_process_outputs(
     cfg = compose_train(["model=tiny_llama", "task=triage"], cache_dir)
     task = instantiate(cfg.task, _convert_="partial")
     loaded = tiny_models["tiny_llama"]
+    model = loaded.model
     examples = task.load_split("test")[:5]  # odd: the shards hold 3 and 2 examples
-    prompts = [encode_prompt(loaded.tokenizer, task.messages(example)) for example in examples]
-    single = _sharded_outputs(loaded.model, loaded.tokenizer, prompts)
+    # The untrained model answers prompts that end alike (the chat template's assistant
+    # header) alike; a different last token per prompt makes a change of order show.
+    prompts = [
+        [*encode_prompt(loaded.tokenizer, task.messages(example)), 100 + 97 * i]
+        for i, example in enumerate(examples)
+    ]
+    single = _sharded_outputs(model, loaded.tokenizer, prompts)
     assert single == generate_greedy(
-        loaded.model, loaded.tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, show_progress=False
+        model, loaded.tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, show_progress=False
     )
     assert len(set(single)) >= 3, single  # a change of order would show
 
     # Forked ranks inherit the loaded model and the imports (spawned ones would spend most of
     # the test importing torch and transformers again); each forms its own gloo group.
-    args = (2, _free_port(), loaded.model, loaded.tokenizer, prompts, str(tmp_path))
+    args = (2, _free_port(), model, loaded.tokenizer, prompts, str(tmp_path))
     mp.start_processes(_rank, args=args, nprocs=2, join=True, start_method="fork")
     for rank in (0, 1):  # every rank holds all outputs, in the test set's order
         outputs = json.loads((tmp_path / f"rank{rank}.json").read_text())
