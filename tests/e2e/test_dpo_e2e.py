@@ -201,6 +201,32 @@ def test_copy_reference_without_sft_stage(runs: Runs) -> None:
     assert manifest["method"] == "dpo_only" and "init_from" not in manifest
 
 
+def test_on_policy_pairs_and_their_sampling_time_count_as_dpo_compute(runs: Runs) -> None:
+    runs.sft_then_dpo("tiny_llama")  # trains the SFT stage this run reuses
+    _, metrics, stdout = runs.run(
+        "dpo_on_policy",
+        [
+            "method=dpo_on_policy",
+            *SFT_STAGE,
+            "method.pairs.samples_per_example=8",
+            "logger=none",
+            *SHORT_DPO,
+        ],
+    )
+    assert "Reusing the finished SFT stage" in stdout
+    sampled = metrics.get("pairs/from_on_policy/train", 0)
+    fallback = metrics.get("pairs/from_label_fallback/train", 0)
+    assert sampled > 0 and sampled + fallback == metrics["pairs/total/train"]
+    # Sampling 8 answers for each of 64 prompts and the reference pass are DPO's compute too.
+    pair_seconds = metrics["compute/dpo/pair_seconds"]
+    reference_seconds = metrics["compute/dpo/reference_seconds"]
+    assert pair_seconds > 0 and reference_seconds > 0
+    assert metrics["compute/dpo/train_seconds"] > pair_seconds + reference_seconds
+    assert metrics["compute/train_seconds"] == pytest.approx(
+        metrics["compute/sft/train_seconds"] + metrics["compute/dpo/train_seconds"]
+    )
+
+
 def test_dpo_from_a_given_checkpoint(runs: Runs) -> None:
     first_dir, _, _ = runs.sft_then_dpo("tiny_llama")
     init = first_dir / "model"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -247,7 +248,9 @@ def run_preference_stage(
         sharding and sharding.activation_checkpointing
     )
     share_prompt = method.share_prompt and not checkpointed
+    started = time.perf_counter()
     encoded, desirable, pair_counts, truncated = _build_encoded(ctx, method, policy, tokenizer)
+    pair_seconds = time.perf_counter() - started
     reference = method.reference_mode
     reference_model = None
     if reference == "copy":
@@ -260,6 +263,7 @@ def run_preference_stage(
     reference_tokens = 0
     items: dict[str, list[Any]] = {}
     cache_hits = 0
+    started = time.perf_counter()
     for split in ("train", "val"):
         if reference == "precompute":
             reference_key = content_hash(
@@ -287,6 +291,7 @@ def run_preference_stage(
         if desirable:
             columns.append(desirable[split])
         items[split] = list(zip(*columns, strict=True))
+    reference_seconds = time.perf_counter() - started
     key = content_hash(
         {
             "init": init.key if init is not None else None,
@@ -334,9 +339,11 @@ def run_preference_stage(
         hand_over(work_dir / "model", out_dir, drop=work_dir)
     # A reference-free method has none: its reference_tokens stay 0.
     reference_tokens += sum(distributed.gather_to_all(module.reference_tokens))
+    # The stage's cost includes building its pairs (on-policy sampling) and the reference
+    # precompute: both are compute that SFT alone does not spend.
     metrics = stage_compute(
         stage,
-        result.seconds,
+        result.seconds + pair_seconds + reference_seconds,
         module,
         policy,
         result.trainer.global_step,
@@ -346,6 +353,8 @@ def run_preference_stage(
     metrics.update(pair_counts)
     metrics[f"compute/{stage}/resumed"] = float(result.resumed)
     metrics[f"compute/{stage}/reference_cache_hits"] = float(cache_hits)
+    metrics[f"compute/{stage}/pair_seconds"] = pair_seconds
+    metrics[f"compute/{stage}/reference_seconds"] = reference_seconds
     metrics[f"compute/{stage}/shared_prompt"] = float(share_prompt)
     metrics["data/pairs_truncated"] = float(truncated)
     metrics[best_key(stage, saver)] = saver.best_or_nan
