@@ -496,3 +496,16 @@ def test_binary_labels_shift_by_their_imbalance_and_free_text_has_none(tasks) ->
     summaries = [_summary(i) for i in range(3)]
     pairs = [PreferencePair(s["id"], [], s["summary"], "something else", "data") for s in summaries]
     assert answer_shift(summarization, summaries, pairs) == {}
+
+
+@pytest.mark.parametrize("task_name", ["reasoning", "reasoning_open"])
+def test_answer_shift_of_lettered_and_free_text_reasoning(tasks, task_name: str) -> None:
+    reasoning = tasks(task_name)
+    examples = _shipped("reasoning")[:200]
+    pairs, _ = build_pairs(reasoning, examples, source="label", seed=0)
+    shift = answer_shift(reasoning, examples, pairs)
+    assert set(shift) == {"pairs/answer_shift_tv/answer"}
+    # letters are balanced on both sides; diagnosis names are not: the distractors are
+    # drawn towards diagnoses that share findings, so some names are rejected far more often
+    bound = (0.0, 0.1) if task_name == "reasoning" else (0.1, 1.0)
+    assert bound[0] <= shift["pairs/answer_shift_tv/answer"] <= bound[1]

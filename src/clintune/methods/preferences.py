@@ -141,12 +141,14 @@ def answer_shift(
     rejected: dict[str, Counter[Any]] = {}
     for pair in pairs:
         example = by_id[pair.example_id]
-        gold = task.gold(example)
+        # The gold answer's parse gives the fields (triage: provider, urgency; else one).
+        shape = task.parse(pair.chosen, example)
         for side, text in ((chosen, pair.chosen), (rejected, pair.rejected)):
             parsed = task.parse(text, example)
-            if isinstance(gold, dict):
+            if isinstance(shape, dict):
                 # An unparseable answer (None) is a value of its own on every field.
-                fields = {field: (parsed or {}).get(field) for field in gold}
+                answer = parsed if isinstance(parsed, dict) else {}
+                fields = {field: answer.get(field) for field in shape}
             else:
                 fields = {"answer": parsed}
             for field, value in fields.items():
