@@ -192,43 +192,6 @@ DPO_ARGS = [
 ]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("trainer", "batch_size", "seed", "extra"),
-    [
-        ("cpu", 4, 16, []),
-        ("ddp_cpu", 2, 17, []),
-        # LoRA under FSDP2, with the reference the policy's own adapter switched off.
-        ("fsdp_cpu", 2, 18, ["method.reference=adapter_disabled"]),
-    ],
-    ids=["1-process", "2-processes", "2-processes-fsdp"],
-)
-def test_dpo_sigkill_mid_epoch_then_same_command_ends_bit_identical(
-    tmp_path: Path,
-    run_env,
-    cache_dir: Path,
-    trainer: str,
-    batch_size: int,
-    seed: int,
-    extra: list[str],
-) -> None:
-    _kill_mid_epoch_then_rerun_ends_bit_identical(
-        [
-            *DPO_ARGS,
-            *extra,
-            f"trainer={trainer}",
-            f"method.train.batch_size={batch_size}",
-            f"seed={seed}",
-        ],
-        tmp_path,
-        run_env,
-        cache_dir,
-        stage="dpo",
-        steps_per_epoch=6,  # 24 pairs / a global batch of 4
-        total_steps=6,
-    )
-
-
 def _with_method(method: str, args: list[str]) -> list[str]:
     """DPO_ARGS for another preference method (Hydra takes one ``method=`` choice)."""
     return [f"method={method}" if arg == "method=dpo_only" else arg for arg in args]
@@ -238,6 +201,11 @@ def _with_method(method: str, args: list[str]) -> list[str]:
 @pytest.mark.parametrize(
     ("method", "trainer", "batch_size", "seed", "extra"),
     [
+        # DPO from the base model: 24 pairs / a global batch of 4.
+        ("dpo_only", "cpu", 4, 16, []),
+        ("dpo_only", "ddp_cpu", 2, 17, []),
+        # LoRA under FSDP2, with the reference the policy's own adapter switched off.
+        ("dpo_only", "fsdp_cpu", 2, 18, ["method.reference=adapter_disabled"]),
         # One stage from the base model, no reference: 24 pairs / 4 per step.
         ("orpo", "cpu", 4, 20, []),
         # From the base model too (no SFT stage, the cheapest KTO stage), against the
@@ -247,9 +215,16 @@ def _with_method(method: str, args: list[str]) -> list[str]:
         # KTO's KL reference point is averaged over the ranks at every step.
         ("kto", "ddp_cpu", 2, 22, ["method.sft=null", "subsample.train=12"]),
     ],
-    ids=["orpo-1-process", "kto-1-process", "kto-2-processes"],
+    ids=[
+        "1-process",
+        "2-processes",
+        "2-processes-fsdp",
+        "orpo-1-process",
+        "kto-1-process",
+        "kto-2-processes",
+    ],
 )
-def test_orpo_and_kto_sigkill_mid_epoch_then_same_command_ends_bit_identical(
+def test_preference_sigkill_mid_epoch_then_same_command_ends_bit_identical(
     tmp_path: Path,
     run_env,
     cache_dir: Path,
@@ -270,7 +245,7 @@ def test_orpo_and_kto_sigkill_mid_epoch_then_same_command_ends_bit_identical(
         tmp_path,
         run_env,
         cache_dir,
-        stage=method,
+        stage="dpo" if method == "dpo_only" else method,
         steps_per_epoch=6,  # 24 pairs, or 24 unpaired examples, / a global batch of 4
         total_steps=6,
     )

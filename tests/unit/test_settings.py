@@ -153,6 +153,30 @@ def _problems_of(cfg: object) -> list[str]:
     return raised.value.problems
 
 
+def _refused_by_train_py(
+    args: list[str], tmp_path: Path, run_env: dict[str, str]
+) -> tuple[list[str], str]:
+    """train.py with ``args`` must exit 1 within 10 s, without a stack trace and before any
+    model, stage or reference cache exists; its ``error:`` lines and stderr."""
+    cache = tmp_path / "cache"
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=REPO,
+        env={**run_env, "CLINTUNE_CACHE": str(cache)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    seconds = time.perf_counter() - started
+    assert result.returncode == 1, result.stderr
+    assert seconds < 10, f"took {seconds:.1f} s"
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not cache.exists()  # no model was built or loaded, no stage or reference cache
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    return errors, result.stderr
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -183,26 +207,10 @@ def test_train_py_fails_fast_with_one_error_line_per_bad_key(
     tmp_path: Path, run_env: dict[str, str]
 ) -> None:
     """Exit 1 within 10 s, one ``error:`` line per bad key, no stack trace, nothing loaded."""
-    cache = tmp_path / "cache"
-    env = {**run_env, "CLINTUNE_CACHE": str(cache)}
     run_dir = tmp_path / "run"
-    started = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *BAD_CHOICES, f"hydra.run.dir={run_dir}"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    seconds = time.perf_counter() - started
-    assert result.returncode == 1, result.stderr
-    assert seconds < 10, f"took {seconds:.1f} s"
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 4, result.stderr
+    errors, stderr = _refused_by_train_py(BAD_CHOICES, tmp_path, run_env)
+    assert len(errors) == 4, stderr
     assert any("did you mean 'sigmoid'" in line for line in errors)
-    assert "Traceback" not in result.stderr + result.stdout
-    assert not cache.exists()  # no model was built or loaded, no stage or reference cache
     assert not (run_dir / "job.json").exists() and not (run_dir / "wandb").exists()
 
 
@@ -249,23 +257,8 @@ def test_train_py_refuses_another_methods_key_before_loading(
 ) -> None:
     """Another method's key would be silently ignored by this method: exit 1 within seconds,
     naming the key and the methods that read it, with nothing loaded."""
-    cache = tmp_path / "cache"
-    started = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *overrides, f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=REPO,
-        env={**run_env, "CLINTUNE_CACHE": str(cache)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    seconds = time.perf_counter() - started
-    assert result.returncode == 1, result.stderr
-    assert seconds < 10, f"took {seconds:.1f} s"
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and errors[0].startswith(expected), result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    assert not cache.exists()
+    errors, stderr = _refused_by_train_py(overrides, tmp_path, run_env)
+    assert len(errors) == 1 and errors[0].startswith(expected), stderr
 
 
 def test_every_misplaced_method_key_is_reported_at_once(tmp_path: Path) -> None:
