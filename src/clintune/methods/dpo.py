@@ -99,7 +99,9 @@ def _shared_prompt_forward(
     # (prompts are left-padded) for j = 0, then the completion's own positions.
     hidden = torch.cat(
         [
-            prompt_out.last_hidden_state[tiled][:, -1:, :],
+            # The last position before tiling: indexing the whole prompt's states by
+            # ``tiled`` would copy them (and scatter their gradient back) for one position.
+            prompt_out.last_hidden_state[:, -1:, :][tiled],
             completion_out.last_hidden_state[:, :-1, :],
         ],
         dim=1,
