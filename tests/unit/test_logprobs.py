@@ -11,6 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from clintune.methods.dpo import DPOModule, pair_forward
+from clintune.methods import logprobs
 from clintune.methods.logprobs import chunked_token_logps, sequence_token_logps
 from clintune.methods.losses import completion_logps, sft_loss
 from clintune.methods.sft import SFTModule
@@ -30,8 +31,13 @@ def _reference_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     return torch.log_softmax(hidden @ weight.t(), -1).gather(1, targets[:, None]).squeeze(1)
 
 
+@pytest.mark.parametrize("keep_probabilities", [False, True], ids=["recompute", "keep"])
 @pytest.mark.parametrize("chunk_size", [1, 5, 37, 100])
-def test_chunks_equal_the_full_log_softmax_with_gradients_in_float64(chunk_size: int) -> None:
+def test_chunks_equal_the_full_log_softmax_with_gradients_in_float64(
+    chunk_size: int, keep_probabilities: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both backward paths: recomputing each chunk's logits, or reusing kept probabilities.
+    monkeypatch.setattr(logprobs, "KEEP_PROBABILITIES_MAX_ELEMENTS", 10**9 * keep_probabilities)
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(37, 16, dtype=torch.float64, generator=generator, requires_grad=True)
     weight = torch.randn(101, 16, dtype=torch.float64, generator=generator, requires_grad=True)
@@ -186,7 +192,11 @@ def test_shared_prompt_pass_equals_full_logits_over_the_same_hidden_states(
         torch.testing.assert_close(grad, expected_grads[name], rtol=0, atol=1e-10, msg=name)
 
 
-def test_no_full_vocabulary_tensor_in_forward_or_backward(tiny_models) -> None:
+def test_no_full_vocabulary_tensor_in_forward_or_backward(
+    tiny_models, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As for any batch at a large vocabulary: no probabilities kept for the backward pass.
+    monkeypatch.setattr(logprobs, "KEEP_PROBABILITIES_MAX_ELEMENTS", 0)
     loaded = tiny_models["tiny_llama"]
     model, tokenizer = copy.deepcopy(loaded.model).train(), loaded.tokenizer
     vocabulary = model.get_output_embeddings().weight.size(0)
@@ -221,3 +231,18 @@ def test_the_full_logits_path_would_be_caught(tiny_models) -> None:
     with watch, torch.no_grad():
         loaded.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     assert watch.largest == batch["input_ids"].numel() * vocabulary
+
+
+def test_a_small_batch_keeps_its_probabilities_and_a_large_one_does_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Kept probabilities are bounded by the threshold; past it only one chunk exists."""
+    hidden = torch.randn(40, 8, requires_grad=True)
+    weight = torch.randn(100, 8, requires_grad=True)
+    targets = torch.randint(0, 100, (40,))
+    for threshold, largest in ((40 * 100, 40 * 100), (40 * 100 - 1, 10 * 100)):
+        monkeypatch.setattr(logprobs, "KEEP_PROBABILITIES_MAX_ELEMENTS", threshold)
+        watch = _LargestVocabularyTensor(100)
+        with watch:
+            chunked_token_logps(hidden, weight, targets, 10).sum().backward()
+        assert watch.largest == largest, threshold

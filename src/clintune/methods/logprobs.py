@@ -6,7 +6,8 @@ and SFT spends most of its time on ``lm_head`` over prompt positions whose logit
 away. So the decoder runs up to its last hidden state, only the positions whose next token is
 scored are kept, and ``lm_head`` plus log-softmax run over those in chunks of positions: no
 float32 tensor larger than ``chunk_size × vocabulary`` exists, in the forward pass or (through
-a custom autograd function that recomputes each chunk) in the backward pass.
+a custom autograd function that recomputes each chunk) in the backward pass; only a batch small
+enough that its probabilities fit in ``KEEP_PROBABILITIES_MAX_ELEMENTS`` keeps them instead.
 
 The full-logits functions in ``losses.py`` stay as the reference these are tested against."""
 
@@ -18,6 +19,11 @@ import torch
 
 #: Positions per chunk: 1,024 × 128,256 float32 logits are 0.5 GB.
 DEFAULT_CHUNK_SIZE = 1024
+#: Up to this many (positions × vocabulary) probabilities are kept from the forward pass for
+#: the backward pass (16 MiB in float32: 512 positions at an 8k vocabulary), instead of
+#: recomputing them chunk by chunk; beyond it (any batch at Llama 3's vocabulary) they are
+#: recomputed, so memory stays at one chunk.
+KEEP_PROBABILITIES_MAX_ELEMENTS = 4 * 1024 * 1024
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -27,7 +33,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class _ChunkedTokenLogps(torch.autograd.Function):
     """log p(target) = logit[target] − logsumexp(logits), chunk by chunk. The backward pass
-    recomputes each chunk's logits: d log p / d logits = onehot(target) − softmax(logits)."""
+    recomputes each chunk's logits (or reuses the probabilities kept by a small forward pass):
+    d log p / d logits = onehot(target) − softmax(logits)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -40,19 +47,28 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         dtype = _compute_dtype(hidden.dtype)
         logps = torch.empty(hidden.size(0), dtype=dtype, device=hidden.device)
         lse = torch.empty_like(logps)
+        # Small enough to keep: backward then reuses the probabilities instead of running the
+        # head's matmul again (at an 8k vocabulary the recompute cost ~5% of a DPO step).
+        keep = hidden.size(0) * weight.size(0) <= KEEP_PROBABILITIES_MAX_ELEMENTS and (
+            hidden.requires_grad or weight.requires_grad
+        )
+        kept = []
         for start in range(0, hidden.size(0), chunk_size):
             stop = start + chunk_size
             logits = (hidden[start:stop] @ weight.t()).to(dtype)
             lse[start:stop] = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, targets[start:stop, None]).squeeze(1)
             logps[start:stop] = picked - lse[start:stop]
-        ctx.save_for_backward(hidden, weight, targets, lse)
+            if keep:
+                kept.append(torch.exp(logits - lse[start:stop, None]))
+        probabilities = torch.cat(kept) if kept else None
+        ctx.save_for_backward(hidden, weight, targets, lse, probabilities)
         ctx.chunk_size = chunk_size
         return logps
 
     @staticmethod
     def backward(ctx: Any, grad_logps: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        hidden, weight, targets, lse = ctx.saved_tensors
+        hidden, weight, targets, lse, probabilities = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=lse.dtype) if need_weight else None
@@ -60,11 +76,13 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         for start in range(0, hidden.size(0), ctx.chunk_size):
             stop = start + ctx.chunk_size
             chunk = hidden[start:stop]
-            logits = (chunk @ weight.t()).to(dtype)
+            if probabilities is None:
+                logits = (chunk @ weight.t()).to(dtype)
+                softmax = torch.exp(logits - lse[start:stop, None])
+            else:
+                softmax = probabilities[start:stop].clone()
             # −softmax · g, plus g at the target: the gradient of g · log p w.r.t. the logits.
-            grad_logits = torch.exp(logits - lse[start:stop, None]).mul_(
-                -grad_logps[start:stop, None]
-            )
+            grad_logits = softmax.mul_(-grad_logps[start:stop, None])
             grad_logits.scatter_add_(
                 1, targets[start:stop, None], grad_logps[start:stop, None].to(dtype)
             )
