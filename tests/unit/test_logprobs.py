@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from clintune.methods.dpo import DPOModule, pair_forward
 from clintune.methods import logprobs
+from clintune.methods.dpo import DPOModule, pair_forward
 from clintune.methods.logprobs import chunked_token_logps, sequence_token_logps
 from clintune.methods.losses import completion_logps, sft_loss
 from clintune.methods.sft import SFTModule
