@@ -59,7 +59,7 @@ LABEL_NOISE = {"classification": 0.03, "triage": 0.03, "reasoning": 0.0, "summar
 # Word-count limits on the main text of each task (inclusive).
 WORD_LIMITS = {
     "classification": (25, 60),
-    "triage": (15, 45),
+    "triage": (15, 75),
     "reasoning": (30, 70),
     "summarization": (40, 80),
 }
@@ -604,19 +604,44 @@ _TRIAGE_KEYS = list(_TRIAGE_TEMPLATES)
 _TRIAGE_WEIGHTS = [_TRIAGE_TEMPLATES[k][0] for k in _TRIAGE_KEYS]
 
 
+#: Share of messages that raise two concerns. Real portal messages often do, and then the
+#: answer needs a rule over both rather than a template match: the more clinical provider
+#: answers (``TRIAGE_PROVIDERS`` order) and the more urgent concern sets the urgency.
+TRIAGE_TWO_CONCERNS = 0.35
+_SECOND_KEYS = [key for key in _TRIAGE_KEYS if key[0] != "physician"]
+_SECOND_WEIGHTS = [_TRIAGE_TEMPLATES[key][0] for key in _SECOND_KEYS]
+_SECOND_CONCERN = ["Also,", "One more thing:", "Separately,", "Another question:", "And"]
+
+
+def triage_labels(concerns: list[tuple[str, str]]) -> tuple[str, str]:
+    """(provider, urgency) of a message raising these (provider, urgency) concerns."""
+    provider = min((p for p, _ in concerns), key=TRIAGE_PROVIDERS.index)
+    urgency = max((u for _, u in concerns), key=TRIAGE_URGENCIES.index)
+    return provider, urgency
+
+
 def gen_triage(rng: random.Random, accept: Accept) -> tuple[Record, Meta] | None:
-    provider, urgency = rng.choices(_TRIAGE_KEYS, weights=_TRIAGE_WEIGHTS, k=1)[0]
+    concerns = [rng.choices(_TRIAGE_KEYS, weights=_TRIAGE_WEIGHTS, k=1)[0]]
+    if rng.random() < TRIAGE_TWO_CONCERNS:
+        # The second concern is not a physician's, so physician messages stay as common as
+        # with one concern and the rule decides between the other providers too.
+        second = concerns[0]
+        while second == concerns[0]:
+            second = rng.choices(_SECOND_KEYS, weights=_SECOND_WEIGHTS, k=1)[0]
+        concerns.append(second)
+        rng.shuffle(concerns)
+    provider, urgency = triage_labels(concerns)
     for _ in range(SURFACE_RETRIES):
-        record = {"text": _triage_text(rng, provider, urgency), "provider": provider}
+        record = {"text": _triage_text(rng, concerns), "provider": provider}
         record["urgency"] = urgency
         if accept(record):
-            return record, {"provider": provider, "urgency": urgency}
+            return record, {"provider": provider, "urgency": urgency, "concerns": concerns}
     return None
 
 
-def _triage_text(rng: random.Random, provider: str, urgency: str) -> str:
+def _triage_body(rng: random.Random, provider: str, urgency: str) -> str:
     template = rng.choice(_TRIAGE_TEMPLATES[(provider, urgency)][1])
-    body = template.format(
+    return template.format(
         otc=rng.choice(_OTC),
         med=rng.choice(_MEDS),
         crit=rng.choice(_CRITICAL_MEDS),
@@ -641,9 +666,24 @@ def _triage_text(rng: random.Random, provider: str, urgency: str) -> str:
         month=rng.choice(_MONTHS),
         year=rng.randint(2015, 2023),
     )
-    parts = [rng.choice(_GREETINGS), body]
+
+
+def _second_concern(rng: random.Random, body: str) -> str:
+    connector = rng.choice(_SECOND_CONCERN)
+    if connector.endswith(":"):
+        return f"{connector} {body}"
+    # "Also, is it okay ..." reads as one sentence; "I" stays capitalised.
+    first_word = body.split(" ", 1)[0]
+    lowered = body if first_word in ("I", "I'm") else body[0].lower() + body[1:]
+    return f"{connector} {lowered}"
+
+
+def _triage_text(rng: random.Random, concerns: list[tuple[str, str]]) -> str:
+    bodies = [_triage_body(rng, provider, urgency) for provider, urgency in concerns]
+    parts = [rng.choice(_GREETINGS), bodies[0], *(_second_concern(rng, b) for b in bodies[1:])]
     # Reassuring negations ("No chest pain ...") appear in non-emergent clinical messages
     # so that a keyword alone does not decide urgency.
+    provider, urgency = triage_labels(concerns)
     if (
         provider in ("physician", "nurse")
         and urgency in ("routine", "soon")

@@ -372,9 +372,37 @@ def test_triage_rules_hold_on_clean_splits(committed):
                 assert not re.search(r"suicidal|fainted|passed out|ending my life", r["text"])
             if r["provider"] == "admin":
                 assert r["urgency"] in ("routine", "soon")
-            if r["urgency"] == "urgent" and r["provider"] in ("physician", "nurse"):
+            if r["urgency"] == "urgent":
+                # The urgent cue may come from either concern: a high fever, worsening pain,
+                # or a critical medication running out.
                 temps = [float(t) for t in re.findall(r"(\d\d\.\d)C", r["text"])]
-                assert any(t > 39 for t in temps) or "worse" in r["text"], r["text"]
+                assert (
+                    any(t > 39 for t in temps)
+                    or "worse" in r["text"]
+                    or any(med in r["text"] for med in gen._CRITICAL_MEDS)
+                ), r["text"]
+
+
+def test_triage_two_concerns_follow_the_priority_rule(generated):
+    for split in gen.SPLITS:
+        items = generated["triage"][split]
+        two = [(r, m) for r, m in items if len(m["concerns"]) == 2]
+        assert 0.28 <= len(two) / len(items) <= 0.42, (split, len(two))
+        decided_by_second = 0
+        for record, meta in two:
+            first, second = meta["concerns"]
+            assert first != second
+            assert [first[0], second[0]].count("physician") <= 1
+            provider = min((first[0], second[0]), key=gen.TRIAGE_PROVIDERS.index)
+            urgency = max((first[1], second[1]), key=gen.TRIAGE_URGENCIES.index)
+            assert (meta["provider"], meta["urgency"]) == (provider, urgency)
+            if not meta["noised"]:
+                assert (record["provider"], record["urgency"]) == (provider, urgency)
+            decided_by_second += second[0] == provider != first[0]
+        # The deciding concern is not always the first one mentioned.
+        assert 0.2 <= decided_by_second / len(two) <= 0.8, (split, decided_by_second, len(two))
+        single = [m for _, m in items if len(m["concerns"]) == 1]
+        assert all((m["provider"], m["urgency"]) == m["concerns"][0] for m in single)
 
 
 # --------------------------------------------------------------------------- reasoning
