@@ -586,11 +586,12 @@ def worker(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- parent
 
 
-def _run_worker(args: argparse.Namespace, name: str) -> dict[str, Any]:
+def worker_env(threads: int) -> dict[str, str]:
+    """A worker's environment: ``threads`` threads, offline, quiet."""
     env = dict(os.environ)
     env.update(
-        OMP_NUM_THREADS=str(args.threads),
-        MKL_NUM_THREADS=str(args.threads),
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
         TOKENIZERS_PARALLELISM="false",
         HF_HUB_OFFLINE="1",
         HF_DATASETS_DISABLE_PROGRESS_BARS="1",
@@ -598,6 +599,11 @@ def _run_worker(args: argparse.Namespace, name: str) -> dict[str, Any]:
         WANDB_MODE="disabled",
         PYTHONWARNINGS="ignore",
     )
+    return env
+
+
+def _run_worker(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    env = worker_env(args.threads)
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         result_file = handle.name
     forwarded = [

@@ -150,15 +150,10 @@ def _prepare(args: argparse.Namespace, workdir: Path) -> None:
 
 
 def _start_worker(args: argparse.Namespace, source: Path, workdir: Path) -> subprocess.Popen:
-    env = dict(os.environ)
-    env.update(
-        PYTHONPATH=str(source),
-        OMP_NUM_THREADS=str(args.threads),
-        MKL_NUM_THREADS=str(args.threads),
-        TOKENIZERS_PARALLELISM="false",
-        HF_HUB_OFFLINE="1",
-        PYTHONWARNINGS="ignore",
-    )
+    sys.path.insert(0, str(BENCHMARKS))
+    from dpo_vs_trl import worker_env
+
+    env = {**worker_env(args.threads), "PYTHONPATH": str(source)}
     command = [
         sys.executable,
         __file__,

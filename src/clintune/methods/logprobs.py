@@ -21,8 +21,8 @@ import torch
 DEFAULT_CHUNK_SIZE = 1024
 #: Up to this many (positions × vocabulary) probabilities are kept from the forward pass for
 #: the backward pass (16 MiB in float32: 512 positions at an 8k vocabulary), instead of
-#: recomputing them chunk by chunk; beyond it (any batch at Llama 3's vocabulary) they are
-#: recomputed, so memory stays at one chunk.
+#: recomputing them chunk by chunk; beyond it (at Llama 3's vocabulary, more than 32 scored
+#: positions) they are recomputed, so memory stays at one chunk.
 KEEP_PROBABILITIES_MAX_ELEMENTS = 4 * 1024 * 1024
 
 
@@ -52,16 +52,19 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         keep = hidden.size(0) * weight.size(0) <= KEEP_PROBABILITIES_MAX_ELEMENTS and (
             hidden.requires_grad or weight.requires_grad
         )
-        kept = []
+        probabilities = (
+            torch.empty(hidden.size(0), weight.size(0), dtype=dtype, device=hidden.device)
+            if keep
+            else None
+        )
         for start in range(0, hidden.size(0), chunk_size):
             stop = start + chunk_size
             logits = (hidden[start:stop] @ weight.t()).to(dtype)
             lse[start:stop] = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, targets[start:stop, None]).squeeze(1)
             logps[start:stop] = picked - lse[start:stop]
-            if keep:
-                kept.append(torch.exp(logits - lse[start:stop, None]))
-        probabilities = torch.cat(kept) if kept else None
+            if probabilities is not None:
+                torch.exp(logits - lse[start:stop, None], out=probabilities[start:stop])
         ctx.save_for_backward(hidden, weight, targets, lse, probabilities)
         ctx.chunk_size = chunk_size
         return logps
@@ -76,13 +79,13 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         for start in range(0, hidden.size(0), ctx.chunk_size):
             stop = start + ctx.chunk_size
             chunk = hidden[start:stop]
+            # −softmax · g, plus g at the target: the gradient of g · log p w.r.t. the logits.
             if probabilities is None:
                 logits = (chunk @ weight.t()).to(dtype)
                 softmax = torch.exp(logits - lse[start:stop, None])
+                grad_logits = softmax.mul_(-grad_logps[start:stop, None])
             else:
-                softmax = probabilities[start:stop].clone()
-            # −softmax · g, plus g at the target: the gradient of g · log p w.r.t. the logits.
-            grad_logits = softmax.mul_(-grad_logps[start:stop, None])
+                grad_logits = probabilities[start:stop] * -grad_logps[start:stop, None]
             grad_logits.scatter_add_(
                 1, targets[start:stop, None], grad_logps[start:stop, None].to(dtype)
             )
