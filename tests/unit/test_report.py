@@ -443,3 +443,16 @@ def test_likelihood_table_reads_the_last_validation_of_reference_methods(
     assert "less likely than under the reference" in text
     csv_rows = written["likelihood.csv"].read_text().splitlines()
     assert csv_rows[1].startswith("classification,m,dpo,1 2,-0.22")
+
+
+def test_a_method_left_out_of_a_task_reads_not_run(tmp_path: Path) -> None:
+    sweep = make_sweep(tmp_path)
+    for seed in SEEDS:  # the grid never ran DPO on m1's reasoning (as real_study has no on-policy)
+        shutil.rmtree(sweep / f"m1-reasoning-dpo-s{seed}")
+    left_out = build_report(collect_dirs([sweep]), n_resamples=RESAMPLES)
+    cell = left_out.cell("reasoning", "accuracy", "m1", "dpo")
+    assert cell.is_gap and cell.gap_text == "not run (s1, s2)"
+    # one seed short is still "missing": runs that should be there and are not
+    assert left_out.cell("reasoning", "accuracy", "m2", "sft").gap_text == "missing (s2)"
+    write_report(left_out, tmp_path / "out", {"finished": 1})
+    assert "— (not run (s1, s2))" in (tmp_path / "out" / "report.md").read_text()

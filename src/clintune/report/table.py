@@ -297,6 +297,10 @@ def _fill_cell(cell: Cell, runs: dict[tuple, RunRecord]) -> None:
             values.append(record.metrics[f"test/{cell.metric}"])
             continue
         cell.gaps.setdefault(reason, []).append(seed)
+    if list(cell.gaps) == ["missing"] and not values:
+        # No seed of this task × method ran at all: a grid that leaves it out (on-policy pairs
+        # for a task whose pairs are on-policy already), not runs that went missing.
+        cell.gaps = {"not run": cell.gaps["missing"]}
     if len(values) >= 2:
         cell.mean, cell.ci_low, cell.ci_high = mean_ci(values)
         cell.ci_kind = "t"
