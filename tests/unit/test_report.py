@@ -456,3 +456,29 @@ def test_a_method_left_out_of_a_task_reads_not_run(tmp_path: Path) -> None:
     assert left_out.cell("reasoning", "accuracy", "m2", "sft").gap_text == "missing (s2)"
     write_report(left_out, tmp_path / "out", {"finished": 1})
     assert "— (not run (s1, s2))" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_metric_scored_on_part_of_the_test_set_says_how_much(tmp_path: Path) -> None:
+    sweep = make_sweep(tmp_path)
+    for seed, scored in zip(SEEDS, (2, 5), strict=True):  # a judge that graded 2, then 5
+        path = sweep / f"m1-reasoning-sft-s{seed}" / "metrics.json"
+        metrics = json.loads(path.read_text())
+        metrics |= {"test/likert_mean": 4.0, "test/likert_mean_n": float(scored)}
+        path.write_text(json.dumps(metrics))
+    partial = build_report(collect_dirs([sweep]), n_resamples=RESAMPLES)
+    cell = partial.cell("reasoning", "likert_mean", "m1", "sft")
+    assert (cell.scored, cell.examples) == (7.0, 2.0 * N)
+    assert cell_text(cell).endswith(f"(scored 7 of {2 * N})")
+    # fully scored metrics carry no such note
+    accuracy = partial.cell("reasoning", "accuracy", "m1", "sft")
+    assert not accuracy.partly_scored and "scored" not in cell_text(accuracy)
+    write_report(partial, tmp_path / "out", {"finished": 1})
+    assert (
+        f"4.000 [4.000, 4.000]† (scored 7 of {2 * N})"
+        in (tmp_path / "out" / "report.md").read_text()
+    )
+    comparison = (tmp_path / "out" / "comparison.csv").read_text().splitlines()
+    assert any(
+        row.startswith("reasoning,likert_mean,0,m1,sft,") and row.endswith(f",7.0,{2 * N}.0")
+        for row in comparison
+    )

@@ -74,6 +74,8 @@ def cell_text(cell: Cell) -> str:
     if cell.ci_low is not None and cell.ci_high is not None:
         text += f" [{fmt_value(cell.ci_low)}, {fmt_value(cell.ci_high)}]"
     text += CI_MARK.get(cell.ci_kind or "", "")
+    if cell.partly_scored:
+        text += f" (scored {cell.scored:.0f} of {cell.examples:.0f})"
     if cell.gaps:
         text += f" ({cell.n_seeds}/{len(cell.expected_seeds)} seeds)"
     return text
@@ -394,7 +396,7 @@ def _csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def comparison_csv(report: Report) -> str:
     header = ["task", "metric", "headline", "model", "method", "mean", "ci_low", "ci_high"]
-    header += ["ci_kind", "n_seeds", "seeds", "expected_seeds", "gap"]
+    header += ["ci_kind", "n_seeds", "seeds", "expected_seeds", "gap", "scored", "examples"]
     rows = [
         [
             c.task,
@@ -410,6 +412,8 @@ def comparison_csv(report: Report) -> str:
             " ".join(str(s) for s in c.seeds),
             " ".join(str(s) for s in c.expected_seeds),
             c.gap_text,
+            c.scored,
+            c.examples,
         ]
         for c in report.cells
     ]

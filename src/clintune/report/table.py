@@ -51,6 +51,14 @@ class Cell:
     seeds: list[int | None] = field(default_factory=list)
     expected_seeds: list[int | None] = field(default_factory=list)
     gaps: dict[str, list[int | None]] = field(default_factory=dict)  # reason → seeds
+    # Examples the metric scored and the test examples, summed over the cell's seeds; the
+    # two differ for a metric that skips some outputs (a judge's grade that did not parse).
+    scored: float | None = None
+    examples: float | None = None
+
+    @property
+    def partly_scored(self) -> bool:
+        return self.scored is not None and self.examples is not None and self.scored < self.examples
 
     @property
     def n_seeds(self) -> int:
@@ -295,6 +303,7 @@ def _fill_cell(cell: Cell, runs: dict[tuple, RunRecord]) -> None:
         else:
             cell.seeds.append(seed)
             values.append(record.metrics[f"test/{cell.metric}"])
+            _count_scored(cell, record.metrics)
             continue
         cell.gaps.setdefault(reason, []).append(seed)
     if list(cell.gaps) == ["missing"] and not values:
@@ -310,6 +319,17 @@ def _fill_cell(cell: Cell, runs: dict[tuple, RunRecord]) -> None:
         cell.ci_low = record.metrics.get(f"test/{cell.metric}_ci_low")
         cell.ci_high = record.metrics.get(f"test/{cell.metric}_ci_high")
         cell.ci_kind = "bootstrap" if cell.ci_low is not None else None
+
+
+def _count_scored(cell: Cell, metrics: dict[str, Any]) -> None:
+    scored, examples = metrics.get(f"test/{cell.metric}_n"), metrics.get("test/n")
+    if scored is None or examples is None:
+        cell.scored = cell.examples = None
+        return
+    if cell.seeds[:-1] and cell.scored is None:  # an earlier seed had no counts
+        return
+    cell.scored = (cell.scored or 0.0) + scored
+    cell.examples = (cell.examples or 0.0) + examples
 
 
 def _labels_for(records: Sequence[RunRecord]) -> Callable[[str], Sequence[str] | None]:
