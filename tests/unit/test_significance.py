@@ -106,6 +106,40 @@ def test_permutation_macro_f1_matches_enumeration() -> None:
     assert 0 < result.p_value < 1
 
 
+def _label_rows(rng: np.random.Generator, labels: list[str], n: int, skill: float) -> list:
+    golds = [str(g) for g in rng.choice(labels[:2] if n % 3 == 0 else labels, n)]  # some absent
+    rows = []
+    for i, gold in enumerate(golds):
+        draw = rng.random()
+        prediction = gold if draw < skill else None if draw < skill + 0.1 else "other"
+        prediction = str(rng.choice(labels)) if draw > 0.9 else prediction
+        rows.append({"id": i, "prediction": prediction, "target": gold})
+    return rows
+
+
+@pytest.mark.parametrize("n", [7, 30, 61])
+def test_report_macro_f1_test_is_the_generic_test_on_label_metrics(n: int) -> None:
+    """compare()'s counting macro-F1, a batch of resamples at a time, gives the P value and
+    effect that the plain permutation test gives with label_metrics on each resample:
+    unparseable and unknown predictions, and classes absent from the test set, included."""
+    rng = np.random.default_rng(n)
+    labels = ["x", "y", "z"]
+    a, b = _label_rows(rng, labels, n, 0.4), _label_rows(rng, labels, n, 0.7)
+    for row_a, row_b in zip(a, b, strict=True):
+        row_b["target"] = row_a["target"]
+    items_a = [(r["prediction"], r["target"]) for r in a]
+    items_b = [(r["prediction"], r["target"]) for r in b]
+
+    def f1(items) -> float:
+        return label_metrics([p for p, _ in items], [g for _, g in items], labels)["f1_macro"]
+
+    generic = paired_permutation_test(f1, items_a, items_b, n_resamples=999, seed=5)
+    fast = compare("f1_macro", a, b, labels_for=lambda _: labels, n_resamples=999, seed=5)
+    assert fast.p_value == pytest.approx(generic.p_value, abs=1e-12)
+    assert fast.effect == pytest.approx(generic.effect, abs=1e-6)
+    assert fast.effect != pytest.approx(0.0, abs=1e-3)
+
+
 def test_permutation_identical_runs_is_one() -> None:
     values = [0.1, 0.5, 0.3, 0.9, 0.2, 0.7, 0.4, 0.6, 0.8, 0.05, 0.33, 0.12] * 3
     result = paired_permutation_test(np.mean, values, values, n_resamples=500)

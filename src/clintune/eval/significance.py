@@ -27,8 +27,6 @@ from scipy.stats import bootstrap, permutation_test, wilcoxon
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 
-from clintune.eval.metrics import label_metrics
-
 Row = Mapping[str, Any]
 
 
@@ -168,6 +166,32 @@ def _pooled(a: Sequence[Any], b: Sequence[Any]) -> tuple[np.ndarray, int]:
     return np.concatenate([a_items, b_items]), len(a)
 
 
+def _batch(n: int) -> int:
+    """Resamples per vectorised call: about 2 million items, so a batch of a large test set
+    stays within a few hundred MB."""
+    return max(1, 2_000_000 // n)
+
+
+def _difference(
+    statistic: Callable[[np.ndarray], Any], pooled: np.ndarray, vectorized: bool
+) -> Callable[..., Any]:
+    """``statistic(b) - statistic(a)`` from index arrays into ``pooled``: one resample at a
+    time, or a (resamples, n) batch when ``statistic`` reduces the last axis."""
+    if vectorized:
+
+        def batch(a_index: np.ndarray, b_index: np.ndarray, axis: int = -1) -> np.ndarray:
+            if axis != -1:
+                raise ValueError(f"the statistic reduces the last axis, not axis {axis}")
+            return statistic(pooled[b_index]) - statistic(pooled[a_index])
+
+        return batch
+
+    def single(a_index: np.ndarray, b_index: np.ndarray) -> float:
+        return float(statistic(pooled[b_index]) - statistic(pooled[a_index]))
+
+    return single
+
+
 def paired_permutation_test(
     statistic: Callable[[np.ndarray], float],
     a: Sequence[Any],
@@ -175,6 +199,7 @@ def paired_permutation_test(
     *,
     n_resamples: int = 10000,
     seed: int = 0,
+    vectorized: bool = False,
 ) -> TestResult:
     """Two-sided paired permutation test of ``statistic(b) - statistic(a)``.
 
@@ -183,18 +208,19 @@ def paired_permutation_test(
     the metric (macro-F1, mean, ...), so metrics that are not means work. Under the null the run
     labels are exchangeable within each example, so scipy's ``permutation_type="samples"``
     swaps A/B within pairs. If ``n_resamples >= 2**n`` scipy enumerates all swaps (exact test).
+    ``vectorized=True`` says that ``statistic`` reduces the last axis of a (resamples, n) array,
+    as :func:`paired_items`' statistics do: the same test, computed a batch at a time.
     """
     pooled, n = _pooled(a, b)
-
-    def difference(a_index: np.ndarray, b_index: np.ndarray) -> float:
-        return float(statistic(pooled[b_index]) - statistic(pooled[a_index]))
+    difference = _difference(statistic, pooled, vectorized)
 
     exact = n < 63 and n_resamples >= 2**n
     result = permutation_test(
         (np.arange(n), np.arange(n, 2 * n)),
         difference,
         permutation_type="samples",
-        vectorized=False,
+        vectorized=vectorized,
+        batch=_batch(n) if vectorized else None,
         n_resamples=n_resamples,
         alternative="two-sided",
         rng=np.random.default_rng(seed),
@@ -216,19 +242,17 @@ def _paired_bootstrap(
     n_resamples: int,
     seed: int,
     confidence: float = 0.95,
+    vectorized: bool = False,
 ) -> Any:
     """``scipy.stats.bootstrap`` of ``statistic(b) - statistic(a)`` over the ``n`` paired
     examples of ``pooled`` (a's items, then b's): each resample takes the same examples from
     both runs."""
-
-    def difference(a_index: np.ndarray, b_index: np.ndarray) -> float:
-        return float(statistic(pooled[b_index]) - statistic(pooled[a_index]))
-
     return bootstrap(
         (np.arange(n), np.arange(n, 2 * n)),
-        difference,
+        _difference(statistic, pooled, vectorized),
         paired=True,
-        vectorized=False,
+        vectorized=vectorized,
+        batch=_batch(n) if vectorized else None,
         n_resamples=n_resamples,
         confidence_level=confidence,
         method="percentile",
@@ -391,11 +415,43 @@ def _label(value: Any, part: str | None) -> str | None:
     return value.get(part) if isinstance(value, Mapping) else None
 
 
-def _macro_f1(labels: Sequence[str]) -> Callable[[np.ndarray], float]:
-    def f1(items: np.ndarray) -> float:
-        predictions = [prediction for prediction, _ in items]
-        golds = [gold for _, gold in items]
-        return label_metrics(predictions, golds, labels)["f1_macro"]
+def _mean(values: np.ndarray) -> Any:
+    return np.mean(values, axis=-1)
+
+
+def _label_codes(
+    predictions: Sequence[str | None], golds: Sequence[str], labels: Sequence[str]
+) -> list[int]:
+    """Each (prediction, gold) as one integer, ``prediction * K + gold`` over the K labels,
+    with an unparseable or unknown prediction as index K, so resampled macro-F1 is counting."""
+    index = {label: position for position, label in enumerate(labels)}
+    unknown = sorted({gold for gold in golds if gold not in index})
+    if unknown:
+        raise ValueError(f"gold labels {unknown} are not in the label set {list(labels)}")
+    invalid = len(labels)
+    return [
+        index.get(p, invalid) * len(labels) + index[g]
+        for p, g in zip(predictions, golds, strict=True)
+    ]
+
+
+def _macro_f1(labels: Sequence[str]) -> Callable[[np.ndarray], Any]:
+    """Macro-F1 of :func:`_label_codes` items along the last axis: for each label,
+    F1 = 2·TP / (#predicted + #gold), undefined (left out) where the resample has no gold
+    example of it. The same numbers as :func:`clintune.eval.metrics.label_metrics` (a test)."""
+    count = len(labels)
+
+    def f1(codes: np.ndarray) -> Any:
+        predicted, gold = np.divmod(codes, count)
+        per_label = []
+        for label in range(count):
+            is_predicted, is_gold = predicted == label, gold == label
+            true_positives = np.sum(is_predicted & is_gold, axis=-1)
+            gold_total = np.sum(is_gold, axis=-1)
+            denominator = np.sum(is_predicted, axis=-1) + gold_total
+            with np.errstate(invalid="ignore", divide="ignore"):
+                per_label.append(np.where(gold_total > 0, 2 * true_positives / denominator, np.nan))
+        return np.nanmean(np.stack(per_label), axis=0)
 
     return f1
 
@@ -422,7 +478,7 @@ def paired_items(
         a_values, b_values = _field(a, spec.field), _field(b, spec.field)
         if spec.kind == "mcnemar":
             return (
-                np.mean,
+                _mean,
                 [float(bool(v)) for v in a_values],
                 [float(bool(v)) for v in b_values],
                 0,
@@ -430,24 +486,20 @@ def paired_items(
         if spec.kind == "wilcoxon":
             kept = [(x, y) for x, y in zip(a_values, b_values, strict=True) if None not in (x, y)]
             dropped = len(a_values) - len(kept)
-            return np.mean, [float(x) for x, _ in kept], [float(y) for _, y in kept], dropped
+            return _mean, [float(x) for x, _ in kept], [float(y) for _, y in kept], dropped
         a_floats = np.array(a_values, dtype=float)
         b_floats = np.array(b_values, dtype=float)
         if np.isnan(a_floats).any() or np.isnan(b_floats).any():
             raise ValueError(f"missing {spec.field!r} scores: cannot test the mean")
-        return np.mean, list(a_floats), list(b_floats), 0
+        return _mean, list(a_floats), list(b_floats), 0
     golds = [_label(target, spec.part) for target in _field(a, "target")]
     if any(gold is None for gold in golds):
         raise ValueError(f"some targets have no {spec.part or 'label'} for {metric!r}")
     labels = labels_for(metric) if labels_for is not None else None
     if labels is None:
         labels = sorted(set(golds))
-    a_items = [
-        (_label(p, spec.part), g) for p, g in zip(_field(a, "prediction"), golds, strict=True)
-    ]
-    b_items = [
-        (_label(p, spec.part), g) for p, g in zip(_field(b, "prediction"), golds, strict=True)
-    ]
+    a_items = _label_codes([_label(p, spec.part) for p in _field(a, "prediction")], golds, labels)
+    b_items = _label_codes([_label(p, spec.part) for p in _field(b, "prediction")], golds, labels)
     return _macro_f1(list(labels)), a_items, b_items, 0
 
 
@@ -476,7 +528,9 @@ def compare(
         assert spec.field is not None
         a, b = align(a_rows, b_rows)
         return wilcoxon_signed_rank(_field(a, spec.field), _field(b, spec.field))
-    return paired_permutation_test(statistic, a_items, b_items, n_resamples=n_resamples, seed=seed)
+    return paired_permutation_test(
+        statistic, a_items, b_items, n_resamples=n_resamples, seed=seed, vectorized=True
+    )
 
 
 def difference_ci(
@@ -499,7 +553,13 @@ def difference_ci(
         return float("nan"), float("nan")
 
     result = _paired_bootstrap(
-        statistic, pooled, n, n_resamples=n_resamples, seed=seed, confidence=confidence
+        statistic,
+        pooled,
+        n,
+        n_resamples=n_resamples,
+        seed=seed,
+        confidence=confidence,
+        vectorized=True,
     )
     interval = result.confidence_interval
     return float(interval.low), float(interval.high)
