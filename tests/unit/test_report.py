@@ -482,3 +482,28 @@ def test_a_metric_scored_on_part_of_the_test_set_says_how_much(tmp_path: Path) -
         row.startswith("reasoning,likert_mean,0,m1,sft,") and row.endswith(f",7.0,{2 * N}.0")
         for row in comparison
     )
+
+
+def test_a_grade_no_example_has_in_both_runs_is_not_tested(tmp_path: Path) -> None:
+    sweep = make_sweep(tmp_path)
+    for method, grade in (("sft", None), ("dpo", 4)):  # a judge that graded nothing after SFT
+        for seed in SEEDS:
+            run = sweep / f"m1-reasoning-{method}-s{seed}"
+            rows = [json.loads(line) for line in (run / "predictions.jsonl").open()]
+            lines = "".join(json.dumps(row | {"likert": grade}) + "\n" for row in rows)
+            (run / "predictions.jsonl").write_text(lines)
+            metrics = json.loads((run / "metrics.json").read_text())
+            metrics |= {
+                "test/likert_mean": grade,
+                "test/likert_mean_n": 0.0 if grade is None else N,
+            }
+            (run / "metrics.json").write_text(json.dumps(metrics))
+    graded = build_report(collect_dirs([sweep]), n_resamples=RESAMPLES)
+    (untested,) = [
+        c
+        for c in graded.comparisons
+        if (c.task, c.metric, c.model, c.label) == ("reasoning", "likert_mean", "m1", "dpo vs sft")
+    ]
+    assert untested.status == "not computed" and untested.p_value is None
+    assert untested.note == f"no example scored in both runs ({len(SEEDS) * N} left out)"
+    assert untested.p_adjusted is None  # and not one of the tests Holm corrects for

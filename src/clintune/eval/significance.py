@@ -302,7 +302,8 @@ def wilcoxon_signed_rank(a: Sequence[float | None], b: Sequence[float | None]) -
 
     Only pairs where both grades are present are used; the others are counted in
     ``n_dropped``. ``effect`` is mean(b) - mean(a) over the used pairs. If every used pair has
-    zero difference (or no pair is left) the runs do not differ: p = 1.0 (NaN statistic).
+    zero difference the runs do not differ: p = 1.0 (NaN statistic). With no pair left there
+    is nothing to test, which is not evidence of no difference: p is NaN.
     """
     if len(a) != len(b):
         raise ValueError(f"paired samples differ in length: {len(a)} vs {len(b)}")
@@ -310,7 +311,7 @@ def wilcoxon_signed_rank(a: Sequence[float | None], b: Sequence[float | None]) -
     n_dropped = len(a) - len(kept)
     name = "Wilcoxon signed-rank (Pratt)"
     if not kept:
-        return TestResult(name, float("nan"), 1.0, 0, n_dropped, float("nan"))
+        return TestResult(name, float("nan"), float("nan"), 0, n_dropped, float("nan"))
     a_kept = np.array([x for x, _ in kept], dtype=float)
     b_kept = np.array([y for _, y in kept], dtype=float)
     effect = float(b_kept.mean() - a_kept.mean())

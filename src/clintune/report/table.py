@@ -436,6 +436,10 @@ def _compare(
     except (ValueError, KeyError) as error:
         result.status, result.note = "error", f"{type(error).__name__}: {error}"
         return result
+    if outcome.n == 0:  # e.g. no example graded in both runs: nothing to test, not "no difference"
+        result.n_dropped = outcome.n_dropped
+        result.note = f"no example scored in both runs ({outcome.n_dropped} left out)"
+        return result
     result.status = "ok"
     # compare() says how it ran (exact or resampled); metric_test says what it tests.
     detail = re.search(r"\(([^)]*)\)$", outcome.test)
