@@ -15,6 +15,21 @@ MACRO_F1_RULE = (
 )
 
 
+def label_indices(
+    predictions: Sequence[str | None], golds: Sequence[str], labels: Sequence[str]
+) -> tuple[list[int], list[int]]:
+    """Predictions and golds as positions in ``labels``; an unparseable (None) or unknown
+    prediction is position ``len(labels)``, a class of its own that is always wrong. A gold
+    label outside ``labels`` is an error."""
+    index = {label: position for position, label in enumerate(labels)}
+    unknown = sorted({gold for gold in golds if gold not in index})
+    if unknown:
+        raise ValueError(f"gold labels {unknown} are not in the label set {list(labels)}")
+    invalid = len(labels)
+    predicted = [index.get(p, invalid) if p is not None else invalid for p in predictions]
+    return predicted, [index[g] for g in golds]
+
+
 def label_metrics(
     predictions: Sequence[str | None], golds: Sequence[str], labels: Sequence[str]
 ) -> dict[str, float]:
@@ -32,15 +47,8 @@ def label_metrics(
         raise ValueError(f"{len(predictions)} predictions for {len(golds)} gold labels")
     if not golds:
         raise ValueError("no examples to score")
-    index = {label: position for position, label in enumerate(labels)}
-    unknown = sorted({gold for gold in golds if gold not in index})
-    if unknown:
-        raise ValueError(f"gold labels {unknown} are not in the label set {list(labels)}")
-    invalid = len(labels)
-    predicted = torch.tensor(
-        [index.get(p, invalid) if p is not None else invalid for p in predictions]
-    )
-    target = torch.tensor([index[g] for g in golds])
+    predicted_indices, target_indices = label_indices(predictions, golds, labels)
+    predicted, target = torch.tensor(predicted_indices), torch.tensor(target_indices)
     num_classes = len(labels) + 1
     per_class = multiclass_f1_score(predicted, target, num_classes=num_classes, average=None)
     accuracy = multiclass_accuracy(predicted, target, num_classes=num_classes, average="micro")

@@ -27,6 +27,8 @@ from scipy.stats import bootstrap, permutation_test, wilcoxon
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 
+from clintune.eval.metrics import label_indices
+
 Row = Mapping[str, Any]
 
 
@@ -423,17 +425,10 @@ def _mean(values: np.ndarray) -> Any:
 def _label_codes(
     predictions: Sequence[str | None], golds: Sequence[str], labels: Sequence[str]
 ) -> list[int]:
-    """Each (prediction, gold) as one integer, ``prediction * K + gold`` over the K labels,
-    with an unparseable or unknown prediction as index K, so resampled macro-F1 is counting."""
-    index = {label: position for position, label in enumerate(labels)}
-    unknown = sorted({gold for gold in golds if gold not in index})
-    if unknown:
-        raise ValueError(f"gold labels {unknown} are not in the label set {list(labels)}")
-    invalid = len(labels)
-    return [
-        index.get(p, invalid) * len(labels) + index[g]
-        for p, g in zip(predictions, golds, strict=True)
-    ]
+    """Each (prediction, gold) as one integer, ``prediction * K + gold`` over the K labels
+    (positions as :func:`label_indices` gives them), so resampled macro-F1 is counting."""
+    predicted, target = label_indices(predictions, golds, labels)
+    return [p * len(labels) + g for p, g in zip(predicted, target, strict=True)]
 
 
 def _macro_f1(labels: Sequence[str]) -> Callable[[np.ndarray], Any]:

@@ -292,6 +292,7 @@ def _pick_runs(runs: Sequence[RunRecord], warnings: list[str]) -> dict[tuple, Ru
 
 def _fill_cell(cell: Cell, runs: dict[tuple, RunRecord]) -> None:
     values: list[float] = []
+    counts: list[tuple[Any, Any]] = []  # (scored, test examples) per seed with a value
     for seed in cell.expected_seeds:
         record = runs.get((cell.task, cell.model, cell.method, seed))
         if record is None:
@@ -303,9 +304,14 @@ def _fill_cell(cell: Cell, runs: dict[tuple, RunRecord]) -> None:
         else:
             cell.seeds.append(seed)
             values.append(record.metrics[f"test/{cell.metric}"])
-            _count_scored(cell, record.metrics)
+            counts.append(
+                (record.metrics.get(f"test/{cell.metric}_n"), record.metrics.get("test/n"))
+            )
             continue
         cell.gaps.setdefault(reason, []).append(seed)
+    if counts and all(None not in pair for pair in counts):
+        cell.scored = sum(scored for scored, _ in counts)
+        cell.examples = sum(examples for _, examples in counts)
     if list(cell.gaps) == ["missing"] and not values:
         # No seed of this task × method ran at all: a grid that leaves it out (on-policy pairs
         # for a task whose pairs are on-policy already), not runs that went missing.
@@ -319,17 +325,6 @@ def _fill_cell(cell: Cell, runs: dict[tuple, RunRecord]) -> None:
         cell.ci_low = record.metrics.get(f"test/{cell.metric}_ci_low")
         cell.ci_high = record.metrics.get(f"test/{cell.metric}_ci_high")
         cell.ci_kind = "bootstrap" if cell.ci_low is not None else None
-
-
-def _count_scored(cell: Cell, metrics: dict[str, Any]) -> None:
-    scored, examples = metrics.get(f"test/{cell.metric}_n"), metrics.get("test/n")
-    if scored is None or examples is None:
-        cell.scored = cell.examples = None
-        return
-    if cell.seeds[:-1] and cell.scored is None:  # an earlier seed had no counts
-        return
-    cell.scored = (cell.scored or 0.0) + scored
-    cell.examples = (cell.examples or 0.0) + examples
 
 
 def _labels_for(records: Sequence[RunRecord]) -> Callable[[str], Sequence[str] | None]:
